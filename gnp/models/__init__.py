@@ -1,0 +1,4 @@
+"""Small Flax models for tests, examples and the mnist1d experiments."""
+
+from gnp.models.small import CNN
+from gnp.models.small import MLP
