@@ -1,0 +1,160 @@
+"""What every regulariser shares: the calling convention and small helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from optax import tree_utils as otu
+
+Params = Any
+Batch = Any
+Aux = Any
+Stats = dict[str, jax.Array]
+# loss_fn(params, batch, key) -> (per-example losses of shape [B], aux)
+LossFn = Callable[[Params, Batch, jax.Array | None], tuple[jax.Array, Aux]]
+# The method body: (params, batch, key) -> (objective, aux, grads, stats)
+_Body = Callable[[Params, Batch, Any], tuple[jax.Array, Aux, Params, Stats]]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GradientFn:
+  """A regulariser's gradient function.
+
+  Calling it, ``grad_fn(params, batch, key)``, returns ``((loss, aux), grads)``
+  exactly like ``jax.value_and_grad(mean_loss, has_aux=True)``: ``loss`` is the
+  scalar objective of the method, ``aux`` the loss function's aux and
+  ``grads`` the update direction, a tree like ``params``.
+
+  ``grad_fn.with_stats(params, batch, key)`` returns
+  ``((loss, aux), grads, stats)`` where ``stats`` is a dict of scalars with
+  ``task_loss`` (the mean loss L(θ) at the unperturbed parameters),
+  ``penalty`` (the unscaled penalty term), ``grad_norm`` (‖∇L(θ)‖) wherever
+  the method computes ∇L, and the further keys each method documents. Under ``jax.jit`` the two calls compile
+  to the same program, minus the unused statistics.
+  """
+
+  name: str
+  _body: _Body
+
+  def with_stats(self, params: Params, batch: Batch, key=None):
+    loss, aux, grads, stats = self._body(params, batch, key)
+    return (loss, aux), grads, stats
+
+  def __call__(self, params: Params, batch: Batch, key=None):
+    (loss, aux), grads, _ = self.with_stats(params, batch, key)
+    return (loss, aux), grads
+
+  def __repr__(self) -> str:
+    return f"GradientFn({self.name})"
+
+
+def mean_loss_fn(loss_fn: LossFn, batch: Batch, key) -> Callable:
+  """params -> (mean loss, aux): the function `jax.value_and_grad` expects."""
+
+  def mean_loss(params):
+    losses, aux = loss_fn(params, batch, key)
+    if jnp.ndim(losses) != 1:
+      raise ValueError(
+          "loss_fn must return per-example losses of shape [B]; got shape "
+          f"{jnp.shape(losses)}."
+      )
+    return jnp.mean(losses), aux
+
+  return mean_loss
+
+
+def check_nonnegative(name: str, value) -> None:
+  """Raises ValueError for a concrete negative (or NaN) hyper-parameter.
+
+  Traced values (a schedule inside a jitted step) cannot be inspected and are
+  passed through: checking them would force a host round trip.
+  """
+  if value is None:
+    raise ValueError(f"{name} must be a non-negative scalar, got None.")
+  if isinstance(value, jax.core.Tracer):
+    if jnp.ndim(value) != 0:
+      raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}.")
+    return
+  try:
+    concrete = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(
+        f"{name} must be a non-negative scalar, got {value!r}."
+    ) from None
+  if not concrete >= 0:  # also rejects NaN
+    raise ValueError(f"{name} must be non-negative, got {name}={value!r}.")
+
+
+def check_positive_int(name: str, value, *, allow_none: bool = False) -> None:
+  if value is None and allow_none:
+    return
+  if (
+      isinstance(value, bool)
+      or not isinstance(value, numbers.Integral)
+      or value < 1
+  ):
+    raise ValueError(f"{name} must be a positive integer, got {name}={value!r}.")
+
+
+def batch_size(batch: Batch) -> int:
+  """The common leading dimension of every leaf of `batch`."""
+  sizes = {jnp.shape(leaf)[0] for leaf in jax.tree.leaves(batch)}
+  if len(sizes) != 1:
+    raise ValueError(
+        "every leaf of batch must have the same leading (batch) dimension; "
+        f"got sizes {sorted(sizes)}."
+    )
+  return sizes.pop()
+
+
+def safe_normalize(tree):
+  """(tree / ‖tree‖, ‖tree‖), with 0 / 0 := 0 so ‖g‖ = 0 yields no NaN."""
+  norm = otu.tree_norm(tree)
+  inverse = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0)
+  return otu.tree_scale(inverse, tree), norm
+
+
+def safe_sqrt(x):
+  """sqrt whose derivative at 0 is 0 rather than inf (so no NaN downstream)."""
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
+def in_groups(body: _Body, group_size: int | None) -> _Body:
+  """Runs `body` on each group of `group_size` examples and averages.
+
+  The batch is cut into G = B / m consecutive groups; group j gets the key
+  `jax.random.fold_in(key, j)` (or None). The objective, the gradients and the
+  statistics are the means over groups; `aux` is stacked along a new leading
+  axis of size G, since the loss function ran once per group.
+  """
+  if group_size is None:
+    return body
+
+  def grouped(params, batch, key):
+    size = batch_size(batch)
+    if size % group_size:
+      raise ValueError(
+          f"group_size={group_size} does not divide the batch size {size}."
+      )
+    num_groups = size // group_size
+    groups = jax.tree.map(
+        lambda x: x.reshape((num_groups, group_size) + x.shape[1:]), batch
+    )
+    if key is None:
+      run = jax.vmap(lambda b: body(params, b, None))
+      loss, aux, grads, stats = run(groups)
+    else:
+      keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(
+          jnp.arange(num_groups)
+      )
+      run = jax.vmap(lambda b, k: body(params, b, k))
+      loss, aux, grads, stats = run(groups, keys)
+    mean = lambda tree: jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+    return mean(loss), aux, mean(grads), mean(stats)
+
+  return grouped

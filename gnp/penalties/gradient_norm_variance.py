@@ -1,0 +1,129 @@
+"""Gradient norm variance regularisation (GNVR).
+
+Objective: J(θ) = L(θ) + λ · Var_i ‖∇_θ ℓ_i(θ)‖₂, the variance over the B
+examples of the batch with ``ddof`` degrees of freedom removed (unbiased,
+ddof = 1, by default, as `torch.var`):
+
+    Var = Σ_i (n_i − mean(n))² / (B − ddof),   n_i = ‖∇ℓ_i(θ)‖.
+
+The update is ∇J, so the penalty is differentiated through the per-example
+gradient norms (a second-order derivative).
+
+Per-example norms, by ``method``:
+
+* ``"vmap"``: per-example gradients with ``jax.vmap(jax.grad(ℓ))``, where ℓ
+  calls ``loss_fn`` on a batch of one example with the step's key. Exact for
+  any model, but it materialises B gradients. Layers that mix examples
+  (batch normalisation in training mode) see a batch of one there, so
+  "per-example gradient" means the gradient of that one-example loss.
+
+The norm's square root has derivative 0 at 0 here, so an example with zero
+gradient contributes no NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from optax import tree_utils as otu
+
+from gnp.penalties import _base
+
+
+def vmap_per_example_norms(loss_fn: _base.LossFn, params, batch, key):
+  """‖∇ℓ_i(θ)‖ for every example i, from B materialised per-example gradients.
+
+  Differentiable in `params`. Returns ([B] norms, the mean of the per-example
+  gradients, i.e. ∇L(θ) for a model that treats examples independently).
+  """
+
+  def example_loss(p, example):
+    losses, _ = loss_fn(p, jax.tree.map(lambda x: x[None], example), key)
+    return losses[0]
+
+  per_example_grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0))(
+      params, batch
+  )
+  squared = sum(
+      jnp.sum(jnp.reshape(g, (g.shape[0], -1)) ** 2, axis=1)
+      for g in jax.tree.leaves(per_example_grads)
+  )
+  mean_grad = jax.tree.map(lambda g: jnp.mean(g, axis=0), per_example_grads)
+  return _base.safe_sqrt(squared), mean_grad
+
+
+# method name -> (loss_fn, params, batch, key) -> (norms [B], mean gradient)
+PER_EXAMPLE_NORMS: dict[str, Callable] = {"vmap": vmap_per_example_norms}
+
+
+def gradient_norm_variance(
+    loss_fn: _base.LossFn,
+    *,
+    lam: jax.typing.ArrayLike,
+    ddof: int = 1,
+    method: str = "vmap",
+) -> _base.GradientFn:
+  """The gradient of L(θ) + λ · Var_i ‖∇ℓ_i(θ)‖ (GNVR).
+
+  Args:
+    loss_fn: ``loss_fn(params, batch, key) -> (losses, aux)``, ``losses`` of
+      shape ``[B]``.
+    lam: the penalty weight λ (≥ 0); may be a traced scalar.
+    ddof: the variance divides by B − ddof (1: unbiased; 0: population).
+    method: how per-example gradient norms are computed; one of
+      ``PER_EXAMPLE_NORMS`` (``"vmap"``).
+
+  Returns:
+    A `GradientFn`. Its ``loss`` is the objective J; aux comes from
+    ``loss_fn`` on the whole batch. Stats hold ``task_loss``, ``penalty`` (the
+    variance), ``grad_norm`` (‖∇L‖) and ``mean_example_grad_norm`` (mean_i n_i).
+
+  Raises:
+    ValueError: negative ``lam`` or ``ddof``, an unknown ``method``, or (when
+      called) a batch of B ≤ ddof examples.
+
+  Example:
+    >>> import jax.numpy as jnp, gnp
+    >>> loss_fn = lambda w, x, key: (jnp.sin(x @ w), None)
+    >>> grad_fn = gnp.penalties.gradient_norm_variance(loss_fn, lam=0.1)
+    >>> (loss, _), grads = grad_fn(jnp.ones(3), jnp.eye(3), None)
+  """
+  _base.check_nonnegative("lam", lam)
+  if isinstance(ddof, bool) or not isinstance(ddof, int) or ddof < 0:
+    raise ValueError(f"ddof must be a non-negative integer, got ddof={ddof!r}.")
+  if method not in PER_EXAMPLE_NORMS:
+    raise ValueError(
+        f"unknown method={method!r}; choose one of {sorted(PER_EXAMPLE_NORMS)}."
+    )
+  per_example_norms = PER_EXAMPLE_NORMS[method]
+
+  def body(params, batch, key):
+    size = _base.batch_size(batch)
+    if size <= ddof:
+      raise ValueError(
+          f"the variance with ddof={ddof} needs more than {ddof} examples; "
+          f"the batch has {size}."
+      )
+
+    def objective(p):
+      loss, aux = _base.mean_loss_fn(loss_fn, batch, key)(p)
+      norms, mean_grad = per_example_norms(loss_fn, p, batch, key)
+      variance = jnp.sum((norms - jnp.mean(norms)) ** 2) / (size - ddof)
+      stats = {
+          "task_loss": loss,
+          "penalty": variance,
+          "grad_norm": otu.tree_norm(mean_grad),
+          "mean_example_grad_norm": jnp.mean(norms),
+      }
+      return loss + lam * variance, (aux, jax.lax.stop_gradient(stats))
+
+    (value, (aux, stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+        params
+    )
+    return value, aux, grads, stats
+
+  return _base.GradientFn(
+      f"gradient_norm_variance(lam={lam}, ddof={ddof}, method={method!r})", body
+  )

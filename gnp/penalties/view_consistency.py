@@ -1,0 +1,187 @@
+"""Gradient variance regularisation between two augmented views (GVR).
+
+Two views x¹, x² of the same examples share the labels y. With
+g^v = ∇_W L(x^v, y), the gradient of view v's mean loss with respect to a
+selected part W of the parameters (by default the last layer, which keeps it
+cheap), the objective is
+
+    J(θ) = L(x¹) + L(x²) + α Σ_k ‖g¹_k − g²_k‖²,
+
+and its gradient flows to *all* parameters (double backpropagation through
+g¹ − g² = ∇_W (L(x¹) − L(x²)), one backward pass).
+
+The two views are concatenated along the batch axis and ``loss_fn`` runs once
+on the 2B examples, so batch statistics see both views; ``aux`` is that call's.
+``key`` is split into a key for ``views`` and one for ``loss_fn``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import jax
+import jax.extend.core as jex
+import jax.numpy as jnp
+from optax import tree_utils as otu
+
+from gnp.penalties import _base
+
+Views = Callable[[_base.Batch, jax.Array], tuple[_base.Batch, _base.Batch]]
+
+
+def _sub_jaxpr(eqn):
+  """The one sub-jaxpr of a call-like equation whose inputs and outputs line
+  up with the equation's (jit, remat, custom_jvp/vjp, scan), or None."""
+  subs = [
+      v.jaxpr if isinstance(v, jex.ClosedJaxpr) else v
+      for v in eqn.params.values()
+      if isinstance(v, (jex.ClosedJaxpr, jex.Jaxpr))
+  ]
+  if len(subs) == 1 and len(subs[0].invars) == len(eqn.invars):
+    if len(subs[0].outvars) == len(eqn.outvars):
+      return subs[0]
+  return None
+
+
+def _distances_to_output(jaxpr, out_distances) -> dict:
+  """For each variable, the longest chain of primitives from it to an output."""
+  distance = {
+      v: d
+      for v, d in zip(jaxpr.outvars, out_distances)
+      if isinstance(v, jex.Var) and d is not None
+  }
+  for eqn in reversed(jaxpr.eqns):
+    outs = [distance.get(v) for v in eqn.outvars]
+    if all(d is None for d in outs):
+      continue  # does not reach the loss
+    sub = _sub_jaxpr(eqn)
+    if sub is not None:
+      inner = _distances_to_output(sub, outs)
+      ins = [inner.get(v) for v in sub.invars]
+    else:
+      ins = [1 + max(d for d in outs if d is not None)] * len(eqn.invars)
+    for v, d in zip(eqn.invars, ins):
+      if isinstance(v, jex.Var) and d is not None:
+        distance[v] = max(distance.get(v, d), d)
+  return distance
+
+
+def last_layer(loss_fn: _base.LossFn, params, batch, key) -> list[bool]:
+  """Which leaves of `params` form the layer nearest the per-example losses.
+
+  The parameter whose longest chain of operations to the losses is shortest
+  (the last layer's bias, or kernel) is found in the traced computation; its
+  siblings under the same parent in the params tree form the layer. This does
+  not depend on the order of dict keys, which JAX tree utilities rebuild in
+  sorted order. Runs at trace time only. Returns a mask over
+  `jax.tree.leaves(params)`.
+  """
+  shapes = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), tree
+  )
+  traced = jax.make_jaxpr(lambda p, b, k: loss_fn(p, b, k)[0])(
+      shapes(params), shapes(batch), None if key is None else shapes(key)
+  )
+  distance = _distances_to_output(traced.jaxpr, [0])
+  paths = [path for path, _ in jax.tree.leaves_with_path(params)]
+  leaf_vars = traced.jaxpr.invars[: len(paths)]
+  reached = {i: distance[v] for i, v in enumerate(leaf_vars) if v in distance}
+  if not reached:
+    raise ValueError("no parameter affects the losses; cannot find a last layer.")
+  nearest = min(reached.values())
+  parents = {paths[i][:-1] for i, d in reached.items() if d == nearest}
+  return [path[:-1] in parents for path in paths]
+
+
+def _path_string(path) -> str:
+  return "/".join(
+      str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+      for k in path
+  )
+
+
+def _wrt_mask(wrt, loss_fn, params, batch, key) -> list[bool]:
+  if wrt is None:
+    return last_layer(loss_fn, params, batch, key)
+  if isinstance(wrt, str):
+    pattern = re.compile(wrt)
+    return [
+        bool(pattern.search(_path_string(path)))
+        for path, _ in jax.tree.leaves_with_path(params)
+    ]
+  return [bool(m) for m in jax.tree.leaves(wrt(params))]
+
+
+def view_consistency(
+    loss_fn: _base.LossFn,
+    *,
+    alpha: jax.typing.ArrayLike,
+    views: Views,
+    wrt: str | Callable | None = None,
+) -> _base.GradientFn:
+  """Gradient of L(x¹) + L(x²) + α ‖∇_W L(x¹) − ∇_W L(x²)‖² over all params.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch, key) -> (losses, aux)``, ``losses`` of
+      shape ``[B]``.
+    alpha: the penalty weight α (≥ 0; 0.01 in the original); may be traced.
+    views: ``views(batch, key) -> (batch1, batch2)``, two augmented views with
+      the batch's structure and size.
+    wrt: the parameters W whose gradient difference is penalised: None (the
+      last layer, found by `last_layer`), a regular expression searched in
+      each leaf's "/"-joined path (e.g. ``"Dense_2|stage4"``), or a function
+      of the params tree returning a tree of bools (as `optax.masked`).
+
+  Returns:
+    A `GradientFn` that needs a PRNG ``key``. Its ``loss`` is J. Stats hold
+    ``task_loss`` ((L(x¹) + L(x²)) / 2, comparable with a one-view run),
+    ``penalty`` (Σ‖g¹ − g²‖²), ``view1_loss`` and ``view2_loss``. It does not
+    compute ∇L over all parameters, so there is no ``grad_norm``.
+
+  Raises:
+    ValueError: negative ``alpha``; when called, a ``wrt`` selecting nothing.
+  """
+  _base.check_nonnegative("alpha", alpha)
+
+  def body(params, batch, key):
+    if key is None:
+      raise ValueError("view_consistency needs a PRNG key for its views.")
+    view_key, loss_key = jax.random.split(key)
+    first, second = views(batch, view_key)
+    size = _base.batch_size(first)
+    joint = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first, second)
+    mask = _wrt_mask(wrt, loss_fn, params, joint, loss_key)
+    if not any(mask):
+      raise ValueError(f"wrt={wrt!r} selects no parameter.")
+    treedef = jax.tree.structure(params)
+
+    def objective(p):
+      leaves = jax.tree.leaves(p)
+
+      def view_difference(selected):
+        chosen = iter(selected)
+        merged = [next(chosen) if m else x for m, x in zip(mask, leaves)]
+        losses, aux = loss_fn(jax.tree.unflatten(treedef, merged), joint, loss_key)
+        loss1, loss2 = jnp.mean(losses[:size]), jnp.mean(losses[size:])
+        return loss1 - loss2, (loss1, loss2, aux)
+
+      selected = [x for m, x in zip(mask, leaves) if m]
+      difference, (loss1, loss2, aux) = jax.grad(view_difference, has_aux=True)(
+          selected
+      )
+      penalty = otu.tree_norm(difference, squared=True)
+      stats = {
+          "task_loss": (loss1 + loss2) / 2,
+          "penalty": penalty,
+          "view1_loss": loss1,
+          "view2_loss": loss2,
+      }
+      return loss1 + loss2 + alpha * penalty, (aux, jax.lax.stop_gradient(stats))
+
+    (value, (aux, stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+        params
+    )
+    return value, aux, grads, stats
+
+  return _base.GradientFn(f"view_consistency(alpha={alpha})", body)
