@@ -1,0 +1,12 @@
+"""Shared fixtures."""
+
+import jax
+import pytest
+
+
+@pytest.fixture
+def x64():
+  """Runs the test in float64, restoring the default afterwards."""
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", False)
