@@ -20,6 +20,11 @@ setuptools.setup(
         "ml_collections",
         "orbax-checkpoint",
         "tensorflow-datasets",
+        # The training system, studies and reports.
+        "mnist1d",
+        "tensorboardX",
+        "optuna",
+        "matplotlib",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist"],
