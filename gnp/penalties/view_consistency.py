@@ -44,38 +44,52 @@ def _sub_jaxpr(eqn):
   return None
 
 
-def _distances_to_output(jaxpr, out_distances) -> dict:
-  """For each variable, the longest chain of primitives from it to an output."""
-  distance = {
-      v: d
-      for v, d in zip(jaxpr.outvars, out_distances)
-      if isinstance(v, jex.Var) and d is not None
-  }
-  for eqn in reversed(jaxpr.eqns):
-    outs = [distance.get(v) for v in eqn.outvars]
-    if all(d is None for d in outs):
-      continue  # does not reach the loss
+def _data_depths(jaxpr, depth: dict, sources: dict, entry: dict) -> None:
+  """Walks `jaxpr` forward, tracking how parameters enter the data stream.
+
+  depth: variable -> longest chain of primitives from the batch (data-derived
+    variables only); sources: variable -> the parameter indices a
+    data-free variable is computed from (a cast kernel, an L2 sum);
+    entry: parameter index -> the smallest data depth at which it meets data.
+  Both dicts are updated in place; call-like equations are followed inside.
+  """
+  for eqn in jaxpr.eqns:
+    ins = [v for v in eqn.invars if isinstance(v, jex.Var)]
     sub = _sub_jaxpr(eqn)
     if sub is not None:
-      inner = _distances_to_output(sub, outs)
-      ins = [inner.get(v) for v in sub.invars]
-    else:
-      ins = [1 + max(d for d in outs if d is not None)] * len(eqn.invars)
-    for v, d in zip(eqn.invars, ins):
-      if isinstance(v, jex.Var) and d is not None:
-        distance[v] = max(distance.get(v, d), d)
-  return distance
+      inner_depth = {s: depth[v] for s, v in zip(sub.invars, eqn.invars)
+                     if isinstance(v, jex.Var) and v in depth}
+      inner_sources = {s: sources[v] for s, v in zip(sub.invars, eqn.invars)
+                       if isinstance(v, jex.Var) and v in sources}
+      _data_depths(sub, inner_depth, inner_sources, entry)
+      for outer, inner in zip(eqn.outvars, sub.outvars):
+        if isinstance(inner, jex.Var) and inner in inner_depth:
+          depth[outer] = inner_depth[inner]
+        elif isinstance(inner, jex.Var) and inner in inner_sources:
+          sources[outer] = inner_sources[inner]
+      continue
+    data = [depth[v] for v in ins if v in depth]
+    params = frozenset().union(*(sources[v] for v in ins if v in sources))
+    if data:
+      for i in params:
+        entry[i] = min(entry.get(i, max(data)), max(data))
+      for v in eqn.outvars:
+        depth[v] = 1 + max(data)
+    elif params:
+      for v in eqn.outvars:
+        sources[v] = params
 
 
 def last_layer(loss_fn: _base.LossFn, params, batch, key) -> list[bool]:
   """Which leaves of `params` form the layer nearest the per-example losses.
 
-  The parameter whose longest chain of operations to the losses is shortest
-  (the last layer's bias, or kernel) is found in the traced computation; its
-  siblings under the same parent in the params tree form the layer. This does
-  not depend on the order of dict keys, which JAX tree utilities rebuild in
-  sorted order. Runs at trace time only. Returns a mask over
-  `jax.tree.leaves(params)`.
+  In the traced loss, each parameter first meets the data (the batch) after
+  some chain of operations; the parameter whose first meeting is deepest (the
+  last layer's bias, or kernel) and its siblings under the same parent in the
+  params tree form the layer. Terms computed from the parameters alone, such
+  as an L2 penalty, do not move a parameter's first meeting, and the order of
+  dict keys (which JAX tree utilities rebuild sorted) plays no part. Runs at
+  trace time only. Returns a mask over `jax.tree.leaves(params)`.
   """
   shapes = lambda tree: jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), tree
@@ -83,14 +97,17 @@ def last_layer(loss_fn: _base.LossFn, params, batch, key) -> list[bool]:
   traced = jax.make_jaxpr(lambda p, b, k: loss_fn(p, b, k)[0])(
       shapes(params), shapes(batch), None if key is None else shapes(key)
   )
-  distance = _distances_to_output(traced.jaxpr, [0])
   paths = [path for path, _ in jax.tree.leaves_with_path(params)]
-  leaf_vars = traced.jaxpr.invars[: len(paths)]
-  reached = {i: distance[v] for i, v in enumerate(leaf_vars) if v in distance}
-  if not reached:
-    raise ValueError("no parameter affects the losses; cannot find a last layer.")
-  nearest = min(reached.values())
-  parents = {paths[i][:-1] for i, d in reached.items() if d == nearest}
+  num_batch = len(jax.tree.leaves(batch))
+  invars = traced.jaxpr.invars
+  sources = {v: frozenset([i]) for i, v in enumerate(invars[: len(paths)])}
+  depth = {v: 0 for v in invars[len(paths): len(paths) + num_batch]}
+  entry = {}
+  _data_depths(traced.jaxpr, depth, sources, entry)
+  if not entry:
+    raise ValueError("no parameter meets the batch; cannot find a last layer.")
+  deepest = max(entry.values())
+  parents = {paths[i][:-1] for i, d in entry.items() if d == deepest}
   return [path[:-1] in parents for path in paths]
 
 
