@@ -67,6 +67,22 @@ def mean_loss_fn(loss_fn: LossFn, batch: Batch, key) -> Callable:
   return mean_loss
 
 
+def value_and_grad_with_stats(objective, params):
+  """Differentiates ``objective(p) -> (value, aux, stats)`` at `params`.
+
+  Returns (value, aux, grads, stats); the statistics are not differentiated.
+  """
+
+  def with_aux(p):
+    value, aux, stats = objective(p)
+    return value, (aux, jax.lax.stop_gradient(stats))
+
+  (value, (aux, stats)), grads = jax.value_and_grad(with_aux, has_aux=True)(
+      params
+  )
+  return value, aux, grads, stats
+
+
 def check_nonnegative(name: str, value) -> None:
   """Raises ValueError for a concrete negative (or NaN) hyper-parameter.
 

@@ -117,12 +117,9 @@ def gradient_norm_variance(
           "grad_norm": otu.tree_norm(mean_grad),
           "mean_example_grad_norm": jnp.mean(norms),
       }
-      return loss + lam * variance, (aux, jax.lax.stop_gradient(stats))
+      return loss + lam * variance, aux, stats
 
-    (value, (aux, stats)), grads = jax.value_and_grad(objective, has_aux=True)(
-        params
-    )
-    return value, aux, grads, stats
+    return _base.value_and_grad_with_stats(objective, params)
 
   return _base.GradientFn(
       f"gradient_norm_variance(lam={lam}, ddof={ddof}, method={method!r})", body

@@ -86,12 +86,9 @@ def hessian_frobenius(
           "penalty": penalty,
           "grad_norm": otu.tree_norm(grads),
       }
-      return loss + lam * penalty, (aux, jax.lax.stop_gradient(stats))
+      return loss + lam * penalty, aux, stats
 
-    (value, (aux, stats)), grads = jax.value_and_grad(objective, has_aux=True)(
-        params
-    )
-    return value, aux, grads, stats
+    return _base.value_and_grad_with_stats(objective, params)
 
   return _base.GradientFn(
       f"hessian_frobenius(lam={lam}, num_probes={num_probes})", body

@@ -194,11 +194,8 @@ def view_consistency(
           "view1_loss": loss1,
           "view2_loss": loss2,
       }
-      return loss1 + loss2 + alpha * penalty, (aux, jax.lax.stop_gradient(stats))
+      return loss1 + loss2 + alpha * penalty, aux, stats
 
-    (value, (aux, stats)), grads = jax.value_and_grad(objective, has_aux=True)(
-        params
-    )
-    return value, aux, grads, stats
+    return _base.value_and_grad_with_stats(objective, params)
 
   return _base.GradientFn(f"view_consistency(alpha={alpha})", body)
