@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+
+from gnp import _checks
 
 
 def _per_output_neuron(
@@ -100,7 +101,7 @@ def standardize(
     A :class:`optax.GradientTransformation` with an ``optax.EmptyState``.
 
   Raises:
-    ValueError: if ``eps`` is a concrete negative number.
+    ValueError: if ``eps`` is a concrete negative number or NaN.
 
   Example:
     >>> import jax.numpy as jnp
@@ -117,9 +118,7 @@ def standardize(
     Yong et al., `Gradient Centralization: A New Optimization Technique for
     Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
   """
-  # Under `inject_hyperparams` inside jit eps is a tracer and cannot be checked.
-  if not isinstance(eps, jax.core.Tracer) and np.any(np.asarray(eps) < 0):
-    raise ValueError(f"eps must be non-negative, got {eps!r}.")
+  _checks.check_nonnegative("eps", eps)
 
   def fn(g, axes):
     centred = g - g.mean(axes, keepdims=True)

@@ -186,9 +186,10 @@ def test_low_precision_dtype_kept():
     assert _apply(t, g).dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("eps", [-1e-3, -2.5])
-def test_negative_eps_raises(eps):
-  with pytest.raises(ValueError, match=str(eps)):
+@pytest.mark.parametrize("eps", [-1e-3, -2.5, float("nan")])
+def test_negative_or_nan_eps_raises(eps):
+  message = f"eps={eps}"
+  with pytest.raises(ValueError, match=message):
     transforms.standardize(eps)
-  with pytest.raises(ValueError, match=str(eps)):
+  with pytest.raises(ValueError, match=message):
     optax.inject_hyperparams(transforms.standardize)(eps=eps).init({})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any, Callable
 
 import jax
@@ -33,8 +32,9 @@ class GradientFn:
   ``((loss, aux), grads, stats)`` where ``stats`` is a dict of scalars with
   ``task_loss`` (the mean loss L(θ) at the unperturbed parameters),
   ``penalty`` (the unscaled penalty term), ``grad_norm`` (‖∇L(θ)‖) wherever
-  the method computes ∇L, and the further keys each method documents. Under ``jax.jit`` the two calls compile
-  to the same program, minus the unused statistics.
+  the method computes ∇L, and the further keys each method documents. Under
+  ``jax.jit`` the two calls compile to the same program, minus the unused
+  statistics.
   """
 
   name: str
@@ -83,39 +83,6 @@ def value_and_grad_with_stats(objective, params):
   return value, aux, grads, stats
 
 
-def check_nonnegative(name: str, value) -> None:
-  """Raises ValueError for a concrete negative (or NaN) hyper-parameter.
-
-  Traced values (a schedule inside a jitted step) cannot be inspected and are
-  passed through: checking them would force a host round trip.
-  """
-  if value is None:
-    raise ValueError(f"{name} must be a non-negative scalar, got None.")
-  if isinstance(value, jax.core.Tracer):
-    if jnp.ndim(value) != 0:
-      raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}.")
-    return
-  try:
-    concrete = float(value)
-  except (TypeError, ValueError):
-    raise ValueError(
-        f"{name} must be a non-negative scalar, got {value!r}."
-    ) from None
-  if not concrete >= 0:  # also rejects NaN
-    raise ValueError(f"{name} must be non-negative, got {name}={value!r}.")
-
-
-def check_positive_int(name: str, value, *, allow_none: bool = False) -> None:
-  if value is None and allow_none:
-    return
-  if (
-      isinstance(value, bool)
-      or not isinstance(value, numbers.Integral)
-      or value < 1
-  ):
-    raise ValueError(f"{name} must be a positive integer, got {name}={value!r}.")
-
-
 def batch_size(batch: Batch) -> int:
   """The common leading dimension of every leaf of `batch`."""
   sizes = {jnp.shape(leaf)[0] for leaf in jax.tree.leaves(batch)}
@@ -161,15 +128,10 @@ def in_groups(body: _Body, group_size: int | None) -> _Body:
     groups = jax.tree.map(
         lambda x: x.reshape((num_groups, group_size) + x.shape[1:]), batch
     )
-    if key is None:
-      run = jax.vmap(lambda b: body(params, b, None))
-      loss, aux, grads, stats = run(groups)
-    else:
-      keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(
-          jnp.arange(num_groups)
-      )
-      run = jax.vmap(lambda b, k: body(params, b, k))
-      loss, aux, grads, stats = run(groups, keys)
+    keys = None if key is None else jax.vmap(
+        jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num_groups))
+    loss, aux, grads, stats = jax.vmap(body, in_axes=(None, 0, 0))(
+        params, groups, keys)
     mean = lambda tree: jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
     return mean(loss), aux, mean(grads), mean(stats)
 

@@ -25,8 +25,8 @@ Objective: J(θ) = L(θ) + λ ‖∇L(θ)‖₂, with gradient
 from __future__ import annotations
 
 import jax
-from optax import tree_utils as otu
 
+from gnp import _checks
 from gnp.penalties import _base
 
 
@@ -90,9 +90,9 @@ def gradient_norm(
     >>> grad_fn = gnp.penalties.gradient_norm(loss_fn, r=0.05, alpha=0.8)
     >>> (loss, aux), grads = grad_fn(jnp.ones(3), jnp.eye(3), None)
   """
-  _base.check_nonnegative("r", r)
-  _base.check_nonnegative("alpha", alpha)
-  _base.check_positive_int("group_size", group_size, allow_none=True)
+  _checks.check_nonnegative("r", r)
+  _checks.check_nonnegative("alpha", alpha)
+  _checks.check_positive_int("group_size", group_size, allow_none=True)
   if exact and normalize_first:
     raise ValueError(
         "normalize_first=True applies to the finite-difference update only; "

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from optax import tree_utils as otu
 
+from gnp import _checks
 from gnp.penalties import _base
 
 
@@ -90,7 +91,7 @@ def gradient_norm_variance(
     >>> grad_fn = gnp.penalties.gradient_norm_variance(loss_fn, lam=0.1)
     >>> (loss, _), grads = grad_fn(jnp.ones(3), jnp.eye(3), None)
   """
-  _base.check_nonnegative("lam", lam)
+  _checks.check_nonnegative("lam", lam)
   if isinstance(ddof, bool) or not isinstance(ddof, int) or ddof < 0:
     raise ValueError(f"ddof must be a non-negative integer, got ddof={ddof!r}.")
   if method not in PER_EXAMPLE_NORMS:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from optax import tree_utils as otu
 
+from gnp import _checks
 from gnp.penalties import _base
 
 
@@ -56,8 +57,8 @@ def hessian_frobenius(
     >>> grad_fn = gnp.penalties.hessian_frobenius(loss_fn, lam=0.01)
     >>> (loss, _), grads = grad_fn(jnp.ones(3), jnp.eye(3), jax.random.key(0))
   """
-  _base.check_nonnegative("lam", lam)
-  _base.check_positive_int("num_probes", num_probes)
+  _checks.check_nonnegative("lam", lam)
+  _checks.check_positive_int("num_probes", num_probes)
 
   def body(params, batch, key):
     if key is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 
+from gnp import _checks
 from gnp.penalties import _base
 from gnp.penalties.gradient_norm import perturbed_gradients
 
@@ -47,8 +48,8 @@ def sam(
     >>> (loss, _), grads = gnp.penalties.sam(loss_fn, rho=0.05)(
     ...     jnp.ones(3), jnp.eye(3), None)
   """
-  _base.check_nonnegative("rho", rho)
-  _base.check_positive_int("group_size", group_size, allow_none=True)
+  _checks.check_nonnegative("rho", rho)
+  _checks.check_positive_int("group_size", group_size, allow_none=True)
 
   def body(params, batch, key):
     loss, aux, _, grad_norm, _, perturbed_loss, perturbed_grads = (

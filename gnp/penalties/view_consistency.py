@@ -25,6 +25,7 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 from optax import tree_utils as otu
 
+from gnp import _checks
 from gnp.penalties import _base
 
 Views = Callable[[_base.Batch, jax.Array], tuple[_base.Batch, _base.Batch]]
@@ -111,20 +112,13 @@ def last_layer(loss_fn: _base.LossFn, params, batch, key) -> list[bool]:
   return [path[:-1] in parents for path in paths]
 
 
-def _path_string(path) -> str:
-  return "/".join(
-      str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-      for k in path
-  )
-
-
 def _wrt_mask(wrt, loss_fn, params, batch, key) -> list[bool]:
   if wrt is None:
     return last_layer(loss_fn, params, batch, key)
   if isinstance(wrt, str):
     pattern = re.compile(wrt)
     return [
-        bool(pattern.search(_path_string(path)))
+        bool(pattern.search(jax.tree_util.keystr(path, simple=True, separator="/")))
         for path, _ in jax.tree.leaves_with_path(params)
     ]
   return [bool(m) for m in jax.tree.leaves(wrt(params))]
@@ -159,7 +153,7 @@ def view_consistency(
   Raises:
     ValueError: negative ``alpha``; when called, a ``wrt`` selecting nothing.
   """
-  _base.check_nonnegative("alpha", alpha)
+  _checks.check_nonnegative("alpha", alpha)
 
   def body(params, batch, key):
     if key is None:
