@@ -20,7 +20,8 @@ class MLP(nn.Module):
   activation: Callable[[jax.Array], jax.Array] = nn.relu
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False):
+    del train  # Nothing differs in training; taken so all models match.
     x = jnp.reshape(x, (x.shape[0], -1))
     for i, width in enumerate(self.features):
       x = nn.Dense(width)(x)
@@ -42,7 +43,8 @@ class CNN(nn.Module):
   activation: Callable[[jax.Array], jax.Array] = nn.relu
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False):
+    del train  # Nothing differs in training; taken so all models match.
     window = (2,) * self.ndim
     for width in self.features:
       x = nn.Conv(width, kernel_size=(3,) * self.ndim)(x)
