@@ -20,6 +20,8 @@ setuptools.setup(
         "ml_collections",
         "orbax-checkpoint",
         "tensorflow-datasets",
+        # tensorflow-datasets imports it but declares it only for Python < 3.9.
+        "importlib_resources",
         # The training system, studies and reports.
         "mnist1d",
         "tensorboardX",
