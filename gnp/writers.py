@@ -1,0 +1,89 @@
+"""Where metrics go: TensorBoard event files, ``metrics.jsonl``, the log.
+
+Only process 0 writes. Every record is ``{"step": s, "split/name": value}``
+flattened to one JSON line, so a script reads a run with
+``[json.loads(l) for l in open("metrics.jsonl")]``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import time
+
+import jax
+from absl import logging
+
+
+class MetricWriter:
+  """Writes scalar metrics to TensorBoard and to ``metrics.jsonl``."""
+
+  def __init__(self, workdir: str):
+    self._enabled = jax.process_index() == 0
+    self._path = os.path.join(workdir, "metrics.jsonl")
+    self._tensorboard = None
+    if self._enabled:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+
+      self._tensorboard = tensorboardX.SummaryWriter(
+          os.path.join(workdir, "tensorboard")
+      )
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records past ``step``: a resumed run writes them again."""
+    if not self._enabled or not os.path.exists(self._path):
+      return
+    with open(self._path) as f:
+      kept = [line for line in f if json.loads(line)["step"] <= step]
+    with open(self._path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(self._path + ".tmp", self._path)
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self._enabled:
+      return
+    record = {"step": int(step)}
+    record.update({k: _json_float(v) for k, v in metrics.items()})
+    with open(self._path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for name, value in metrics.items():
+      self._tensorboard.add_scalar(name, float(value), int(step))
+
+  def flush(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+
+def _json_float(value) -> float | None:
+  value = float(value)
+  return value if math.isfinite(value) else None  # JSON has no NaN.
+
+
+class Progress:
+  """Steps/s, examples/s and ETA since the last report."""
+
+  def __init__(self, total_steps: int, batch_size: int, start_step: int):
+    self._total = total_steps
+    self._batch_size = batch_size
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+
+  def report(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
+    now = time.perf_counter()
+    rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    self._last_step, self._last_time = step, now
+    eta = datetime.timedelta(seconds=round((self._total - step) / max(rate, 1e-9)))
+    shown = " ".join(
+        f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items()
+        if k in ("train/loss", "train/accuracy", "train/penalty")
+    )
+    logging.info(
+        "step %d/%d (epoch %.1f) | %s | %.1f steps/s, %.0f examples/s, ETA %s",
+        step, self._total, epoch, shown, rate, rate * self._batch_size, eta,
+    )
