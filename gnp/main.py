@@ -1,0 +1,77 @@
+"""Trains one config: ``python -m gnp.main --config=configs/mnist1d.py --workdir=DIR``.
+
+This file is intentionally kept short: it parses flags, reports the devices
+and hands over to `gnp.train.train_and_evaluate`, where all logic lives.
+Override any config value with ``--config.section.key=value``. A mistake in
+the input exits with status 1 and one line saying what is wrong.
+"""
+
+import logging as std_logging
+import sys
+
+import jax
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from gnp import config as config_lib
+from gnp import train
+from gnp.errors import UserError
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics and the summary; a"
+    " run resumes from the checkpoint it holds.", required=True)
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() first (TPU pods,"
+    " SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).")
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py[:variant]).",
+    lock_config=True)
+
+
+def _quiet_orbax(record) -> bool:
+  """Orbax logs every save step at INFO; keep its warnings and errors."""
+  return (record.levelno >= std_logging.WARNING
+          or "orbax" not in record.pathname)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, but a mistake is one line, not a traceback."""
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      try:  # A misspelled key, with the closest known one.
+        config_lib.check_key(arg[len("--config."):].split("=", 1)[0])
+      except UserError as e:
+        sys.exit(f"gnp: error: {e}")
+  try:
+    argv = flags.FLAGS(argv)
+    if flags.FLAGS.config is None:
+      raise ValueError("--config is required, e.g. --config=configs/mnist1d.py")
+    flags.FLAGS.config.keys()  # The file loads lazily; fail here if it can't.
+    return argv
+  except (flags.Error, AttributeError, KeyError, OSError, ValueError) as e:
+    # Flag and config-file errors carry a traceback as text; its last line
+    # ("ValueError: unknown variant ...") is the message.
+    lines = [l.strip() for l in str(e).splitlines()
+             if l.strip() and not l.strip().startswith("Pass --help")]
+    sys.exit(f"gnp: error: {lines[-1] if lines else type(e).__name__}")
+
+
+def main(argv):
+  logging.get_absl_handler().python_handler.addFilter(_quiet_orbax)
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if _MULTIHOST.value:
+    jax.distributed.initialize()
+  logging.info("JAX process %d of %d, local devices: %s", jax.process_index(),
+               jax.process_count(), jax.local_devices())
+  try:
+    train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
+  except UserError as e:
+    logging.flush()
+    sys.exit(f"gnp: error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

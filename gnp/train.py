@@ -1,0 +1,484 @@
+"""Training: config -> (data, model, regulariser, optimiser) -> step -> loop.
+
+`train_and_evaluate(config, workdir)` is the whole run; `gnp.main` only
+parses flags and calls it. The step is one jitted function over a 1-D device
+mesh: the state is replicated, the batch is split along the ``data`` axis,
+and XLA inserts the reductions. Every quantity is defined on the *global*
+batch (the mean loss, ‖∇L‖, batch-norm statistics), so results depend on the
+device count only through rounding — except for m-sharpness, where
+``gnp.group_size`` / ``sam.group_size`` sets the groups explicitly.
+
+Per-step randomness is ``fold_in(state.rng, step)`` and the data order a
+function of (seed, epoch), so a run resumed from a checkpoint continues the
+same data order and random stream as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from optax import tree_utils as otu
+
+from gnp import config as config_lib
+from gnp import data as data_lib
+from gnp import models
+from gnp import penalties
+from gnp import transforms
+from gnp.checkpoints import Checkpointer
+from gnp.data import augment as augment_lib
+from gnp.data import pipeline
+from gnp.errors import ConfigError
+from gnp.writers import MetricWriter
+from gnp.writers import Progress
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array  # int32 scalar: steps taken.
+  params: Any
+  batch_stats: Any  # {} for models without batch normalisation.
+  opt_state: Any
+  rng: jax.Array  # The run's base key (raw uint32[2]); per-step keys fold in.
+
+
+# --- Building blocks -------------------------------------------------------
+
+
+def build_model(config: ml_collections.ConfigDict, dataset) -> Any:
+  m = config.model
+  dtype = jnp.dtype(m.dtype)
+  if m.name == "mlp":
+    return models.create("mlp", features=(*m.hidden, dataset.num_classes))
+  if m.name == "cnn":
+    return models.create(
+        "cnn", features=tuple(m.hidden), num_classes=dataset.num_classes,
+        ndim=len(dataset.input_shape) - 1,
+    )
+  kwargs = {"num_classes": dataset.num_classes, "dtype": dtype}
+  if m.name == "wide_resnet":
+    kwargs.update(depth=m.depth, width=m.width, dropout_rate=m.dropout_rate)
+  return models.create(m.name, **kwargs)
+
+
+def learning_rate_schedule(opt, steps_per_epoch: int, total_steps: int):
+  """Linear warm-up from 0, then constant, cosine decay to 0, or steps."""
+  warmup = round(opt.warmup_epochs * steps_per_epoch)
+  rest = max(total_steps - warmup, 1)
+  if opt.schedule == "cosine":
+    main = optax.cosine_decay_schedule(opt.learning_rate, rest)
+  elif opt.schedule == "step":
+    main = optax.piecewise_constant_schedule(
+        opt.learning_rate,
+        {e * steps_per_epoch - warmup: opt.step_factor for e in opt.step_epochs},
+    )
+  else:
+    main = optax.constant_schedule(opt.learning_rate)
+  if not warmup:
+    return main
+  ramp = optax.linear_schedule(0.0, opt.learning_rate, warmup)
+  return optax.join_schedules([ramp, main], [warmup])
+
+
+def build_optimizer(opt, schedule) -> optax.GradientTransformation:
+  """Clipping -> coupled weight decay -> GC/NGS -> the optimiser."""
+  chain = []
+  if opt.grad_clip is not None:
+    chain.append(optax.clip_by_global_norm(opt.grad_clip))
+  if opt.weight_decay and opt.name != "adamw":
+    # Coupled decay enters the gradient before GC/NGS, as in Yong et al.
+    chain.append(optax.add_decayed_weights(opt.weight_decay))
+  if opt.centralize:
+    chain.append(transforms.centralize(conv_only=opt.transforms_conv_only))
+  if opt.standardize:
+    chain.append(transforms.standardize(conv_only=opt.transforms_conv_only))
+  if opt.name == "sgd":
+    chain.append(optax.sgd(schedule, momentum=opt.momentum or None,
+                           nesterov=opt.nesterov))
+  elif opt.name == "adam":
+    chain.append(optax.adam(schedule, b1=opt.b1, b2=opt.b2))
+  else:
+    chain.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2,
+                             weight_decay=opt.weight_decay))
+  return optax.chain(*chain)
+
+
+@dataclasses.dataclass(frozen=True)
+class Regularizer:
+  """The configured method: ``make(loss_fn, step)`` gives its GradientFn.
+
+  Strengths and radii are computed from the step inside the jitted step
+  (warm-up strategies), so they are traced and nothing recompiles.
+  """
+
+  method: str
+  hparams: dict  # Strengths / radii by argument name.
+  options: dict  # Static arguments (exact, group_size, ddof, ...).
+  warmup: str
+  warmup_steps: int
+  views: Callable | None = None
+
+  @property
+  def group_size(self) -> int | None:
+    return self.options.get("group_size")
+
+  def values(self, step) -> dict:
+    if self.warmup == "none":
+      return dict(self.hparams)
+    ramp = jnp.minimum(step / self.warmup_steps, 1.0)
+    if self.warmup == "zero":
+      ramp = (step >= self.warmup_steps).astype(jnp.float32)
+    # "r" ramps the radius; "lambda" and "zero" the strength. SAM has only a
+    # radius, so every strategy ramps ρ.
+    ramped = {"r": ("r",), "lambda": ("alpha", "lam", "rho"),
+              "zero": ("alpha", "lam", "rho")}[self.warmup]
+    if self.method == "sam":
+      ramped = ("rho",)
+    return {k: v * ramp if k in ramped else v for k, v in self.hparams.items()}
+
+  def make(self, loss_fn, step) -> penalties.GradientFn:
+    kwargs = {**self.values(step), **self.options}
+    if self.method == "plain":
+      return penalties.plain(loss_fn)
+    if self.method == "gnp":
+      return penalties.gradient_norm(loss_fn, **kwargs)
+    if self.method == "sam":
+      return penalties.sam(loss_fn, **kwargs)
+    if self.method == "gnvr":
+      return penalties.gradient_norm_variance(loss_fn, **kwargs)
+    if self.method == "gvr":
+      return penalties.view_consistency(loss_fn, views=self.views, **kwargs)
+    return penalties.hessian_frobenius(loss_fn, **kwargs)
+
+
+def build_regularizer(config, steps_per_epoch: int, augment) -> Regularizer:
+  c = config[config.method] if config.method != "plain" else {}
+  hparams, options = {}, {}
+  if config.method == "gnp":
+    hparams = {"r": c.r, "alpha": c.alpha}
+    options = {"exact": c.exact, "normalize_first": c.normalize_first,
+               "group_size": c.group_size}
+  elif config.method == "sam":
+    hparams, options = {"rho": c.rho}, {"group_size": c.group_size}
+  elif config.method == "gnvr":
+    hparams, options = {"lam": c.lam}, {"ddof": c.ddof, "method": c.method}
+  elif config.method == "gvr":
+    hparams, options = {"alpha": c.alpha}, {"wrt": c.wrt}
+  elif config.method == "hessian":
+    hparams, options = {"lam": c.lam}, {"num_probes": c.num_probes}
+
+  def views(batch, key):
+    x, y = batch
+    first, second = jax.random.split(key)
+    return (augment(first, x), y), (augment(second, x), y)
+
+  return Regularizer(
+      method=config.method, hparams=hparams, options=options,
+      warmup=config.regularizer_warmup,
+      warmup_steps=max(round(config.optimizer.warmup_epochs * steps_per_epoch), 1),
+      views=views if config.method == "gvr" else None,
+  )
+
+
+def make_loss_fn(model, batch_stats, *, l2: float) -> Callable:
+  """``loss_fn(params, (x, y), key) -> (per-example losses, aux)``.
+
+  Models with batch normalisation run in training mode and return their new
+  statistics in ``aux``; the regularisers take ``aux`` from the unperturbed
+  pass, so GNP/SAM update the statistics once per step, from θ.
+  """
+
+  def loss_fn(params, batch, key):
+    x, y = batch
+    variables = {"params": params}
+    rngs = {"dropout": key} if key is not None else {}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+      logits, updates = model.apply(
+          variables, x, train=True, mutable=["batch_stats"], rngs=rngs
+      )
+      new_stats = updates["batch_stats"]
+    else:
+      logits, new_stats = model.apply(variables, x, train=True, rngs=rngs), {}
+    logits = logits.astype(jnp.float32)
+    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    losses = cross_entropy
+    if l2:
+      kernels = [w for w in jax.tree.leaves(params) if w.ndim > 1]
+      losses = losses + 0.5 * l2 * sum(jnp.sum(jnp.square(w)) for w in kernels)
+    aux = {
+        "cross_entropy": cross_entropy,
+        "correct": (jnp.argmax(logits, -1) == y).astype(jnp.float32),
+        "batch_stats": new_stats,
+    }
+    return losses, aux
+
+  return loss_fn
+
+
+# --- The step --------------------------------------------------------------
+
+
+def train_step(state: TrainState, batch, *, model, tx, schedule, regularizer,
+               preprocess, augment, l2):
+  """One update of ``state`` on a global batch; returns (state, metrics)."""
+  key = jax.random.fold_in(state.rng, state.step)
+  augment_key, loss_key = jax.random.split(key)
+  x, y = batch
+  x = preprocess(x)
+  if regularizer.views is None:  # GVR augments its own two views.
+    x = augment(augment_key, x)
+  loss_fn = make_loss_fn(model, state.batch_stats, l2=l2)
+  grad_fn = regularizer.make(loss_fn, state.step)
+  (objective, aux), grads, stats = grad_fn.with_stats(
+      state.params, (x, y), loss_key
+  )
+  batch_stats = aux["batch_stats"]
+  if regularizer.group_size is not None:  # m-sharpness: one pass per group.
+    batch_stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), batch_stats)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      "loss": stats["task_loss"],
+      "objective": objective,
+      "cross_entropy": jnp.mean(aux["cross_entropy"]),
+      "accuracy": jnp.mean(aux["correct"]),
+      "penalty": stats["penalty"],
+      "update_norm": otu.tree_norm(grads),
+      "param_norm": otu.tree_norm(params),
+      "learning_rate": schedule(state.step),
+  }
+  if "grad_norm" in stats:
+    metrics["grad_norm"] = stats["grad_norm"]
+  new_state = state.replace(step=state.step + 1, params=params,
+                            batch_stats=batch_stats, opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch, *, model, preprocess):
+  """Sums of loss and correct predictions over the real (unpadded) rows."""
+  x, y, mask = batch
+  variables = {"params": state.params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  logits = model.apply(variables, preprocess(x), train=False)
+  logits = logits.astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+  correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+  return {"loss": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
+          "count": jnp.sum(mask)}
+
+
+# --- Placement -------------------------------------------------------------
+
+
+def _to_device(arrays, sharding):
+  """This process's rows of a global batch -> one global, sharded array."""
+  rows = arrays[0].shape[0] // jax.process_count()
+  start = jax.process_index() * rows
+  return tuple(
+      jax.make_array_from_process_local_data(sharding, a[start:start + rows])
+      for a in arrays
+  )
+
+
+# --- The run ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything a config turns into, before the loop: importable, testable.
+
+  ``init()`` gives the initial state, replicated over the mesh; ``step`` and
+  ``eval`` are the jitted step and evaluation; ``batch(arrays)`` places this
+  process's rows of a global batch onto the devices.
+  """
+
+  config: ml_collections.ConfigDict
+  dataset: Any
+  model: Any
+  regularizer: Regularizer
+  steps_per_epoch: int
+  total_steps: int
+  mesh: jax.sharding.Mesh
+  abstract_state: TrainState
+  init: Callable[[], TrainState]
+  step: Callable  # (state, (x, y)) -> (state, metrics)
+  eval: Callable  # (state, (x, y, mask)) -> sums
+
+  def batch(self, arrays):
+    return _to_device(arrays, NamedSharding(self.mesh, P("data")))
+
+  def train_batch(self, step: int):
+    """The global batch of (0-based) ``step``, placed on the devices."""
+    x, y = self.dataset.train
+    idx = pipeline.train_indices(len(x), self.config.batch_size,
+                                 self.config.seed, step)
+    return self.batch((x[idx], y[idx]))
+
+  def evaluate(self, state, arrays) -> dict[str, float]:
+    batch_size = self.mesh.size * -(-self.config.eval_batch_size // self.mesh.size)
+    totals = None
+    for batch in pipeline.eval_batches(*arrays, batch_size):
+      sums = self.eval(state, self.batch(batch))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    return {"loss": float(totals["loss"] / totals["count"]),
+            "accuracy": float(totals["correct"] / totals["count"])}
+
+
+def create_experiment(config: ml_collections.ConfigDict,
+                      dataset=None) -> Experiment:
+  """Validates ``config``, loads the data (unless given) and builds the step.
+
+  Raises `gnp.errors.UserError` for a mistake in the input, before anything
+  is compiled. Nothing is written.
+  """
+  config_lib.validate(config, num_devices=jax.device_count())
+  if dataset is None:
+    dataset = data_lib.load(config.dataset, seed=config.seed)
+  steps_per_epoch = pipeline.steps_per_epoch(len(dataset.train[0]),
+                                             config.batch_size)
+  model = build_model(config, dataset)
+  schedule = learning_rate_schedule(config.optimizer, steps_per_epoch,
+                                    config.num_epochs * steps_per_epoch)
+  tx = build_optimizer(config.optimizer, schedule)
+  augment = augment_lib.make_augment(config.augment)
+  regularizer = build_regularizer(config, steps_per_epoch, augment)
+
+  def init(rng):
+    sample = jnp.zeros((1, *dataset.input_shape), jnp.float32)
+    variables = model.init({"params": rng, "dropout": rng}, sample, train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params), rng=rng)
+
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init, rng)
+  if config.method == "gnvr" and abstract.batch_stats:
+    raise ConfigError(
+        "method='gnvr' needs per-example gradients, which batch normalisation"
+        f" in training mode makes ill-defined; model {config.model.name!r} has"
+        " BatchNorm layers."
+    )
+
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  replicated = NamedSharding(mesh, P())
+  split = NamedSharding(mesh, P("data"))
+  state_sharding = jax.tree.map(lambda _: replicated, abstract)
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                        regularizer=regularizer, preprocess=dataset.preprocess,
+                        augment=augment, l2=config.optimizer.l2),
+      in_shardings=(state_sharding, split),
+      out_shardings=(state_sharding, replicated),
+      donate_argnums=0,
+  )
+  eval_fn = jax.jit(
+      functools.partial(eval_step, model=model, preprocess=dataset.preprocess),
+      in_shardings=(state_sharding, split), out_shardings=replicated,
+  )
+  return Experiment(
+      config=config, dataset=dataset, model=model, regularizer=regularizer,
+      steps_per_epoch=steps_per_epoch,
+      total_steps=config.num_steps or config.num_epochs * steps_per_epoch,
+      mesh=mesh, abstract_state=abstract,
+      init=lambda: jax.jit(init, out_shardings=state_sharding)(rng),
+      step=step_fn, eval=eval_fn,
+  )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
+
+  Returns the final summary, also written to ``workdir/summary.json``.
+  Raises `gnp.errors.UserError` for a mistake in the input, before any
+  compilation and before anything is written.
+  """
+  exp = create_experiment(config)
+  dataset, steps_per_epoch, total_steps = (
+      exp.dataset, exp.steps_per_epoch, exp.total_steps)
+  os.makedirs(workdir, exist_ok=True)
+  state = exp.init()
+
+  checkpointer = Checkpointer(workdir, every=config.checkpoint_every_steps,
+                              keep=config.keep_checkpoints)
+  state = checkpointer.restore(state)
+  start = int(state.step)
+  writer = MetricWriter(workdir)
+  writer.truncate_after(start)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  if start:
+    logging.info("Resuming from the checkpoint at step %d.", start)
+  logging.info("%d steps (%d per epoch), batch %d on %d device(s), method %s.",
+               total_steps, steps_per_epoch, config.batch_size, exp.mesh.size,
+               config.method)
+
+  def evaluate_splits() -> dict[str, float]:
+    record = {}
+    for name in ("validation", "test"):
+      arrays = getattr(dataset, name)
+      if arrays is not None:
+        for k, v in exp.evaluate(state, arrays).items():
+          record[f"{name}/{k}"] = v
+    return record
+
+  progress = Progress(total_steps, config.batch_size, start)
+  started = time.perf_counter()
+  pending, evals, train_record = [], {}, {}
+  next_batch = exp.train_batch(start) if start < total_steps else None
+  for step in range(start + 1, total_steps + 1):
+    batch = next_batch
+    state, metrics = exp.step(state, batch)
+    # Put the next batch on its way while this step runs.
+    next_batch = exp.train_batch(step) if step < total_steps else None
+    pending.append(metrics)
+    last = step == total_steps
+    if step % config.log_every_steps == 0 or last:
+      means = jax.tree.map(lambda *m: float(np.mean(m)),
+                           *jax.device_get(pending))
+      pending = []
+      train_record = {f"train/{k}": v for k, v in means.items()}
+      writer.write(step, train_record)  # Timings stay out: runs must diff.
+      progress.report(step, step / steps_per_epoch, train_record)
+    epoch_end = step % (steps_per_epoch * config.eval_every_epochs) == 0
+    if epoch_end or last:
+      evals = evaluate_splits()
+      writer.write(step, evals)
+      logging.info("step %d: %s", step,
+                   ", ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+    checkpointer.maybe_save(step, state, force=last)
+  checkpointer.close()
+  writer.close()
+
+  if not evals:  # The run had already finished: evaluate what was restored.
+    evals = evaluate_splits()
+  wall_time = time.perf_counter() - started
+  summary = {
+      "steps": int(state.step),
+      "epochs": int(state.step) / steps_per_epoch,
+      "wall_time_s": wall_time,
+      "examples_per_second": (int(state.step) - start) * config.batch_size
+                             / max(wall_time, 1e-9),
+      **train_record, **evals,
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  logging.info("Done: %s", json.dumps(summary))
+  return summary
