@@ -1,0 +1,47 @@
+"""Shared helpers for the training-system tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str | None = None):
+  """``configs/<name>.py``'s ``get_config(arg)``, as gnp.main would load it."""
+  path = os.path.join(ROOT, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny_mnist1d(**overrides):
+  """The default config on 1,000 mnist1d samples, quick to train."""
+  config = load_config("mnist1d")
+  config.dataset.num_samples = 1000
+  config.dataset.validation_size = 100
+  config.batch_size = 50
+  config.eval_batch_size = 200
+  config.log_every_steps = 5
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return config
+
+
+def run(args, *, env=None, timeout=600, cwd=ROOT):
+  """Runs ``python args...`` in a fresh process; returns CompletedProcess."""
+  full_env = dict(os.environ)
+  full_env.pop("XLA_FLAGS", None)
+  full_env.update(env or {})
+  return subprocess.run(
+      [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True,
+      text=True, timeout=timeout,
+  )

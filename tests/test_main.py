@@ -1,0 +1,111 @@
+"""The command line: a run end to end, and one clear line for each mistake."""
+
+import json
+import os
+import re
+
+import pytest
+
+from gnp import config as config_lib
+from gnp.errors import ConfigError
+from tests.helpers import load_config
+from tests.helpers import run
+
+# absl log lines start with a level letter and a date: I1124 12:00:00.000.
+_LOG_LINE = re.compile(r"^[IWEF]\d{4} ")
+
+
+def _main(workdir, *args, env=None):
+  return run(["-m", "gnp.main", f"--workdir={workdir}", *args],
+             env={"JAX_LOG_COMPILES": "1", **(env or {})})
+
+
+def test_the_readme_command_trains_and_leaves_artefacts(tmp_path):
+  result = _main(tmp_path, "--config=configs/mnist1d.py:smoke")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "step 20/20" in result.stderr  # The progress line.
+  assert "examples/s" in result.stderr and "ETA" in result.stderr
+  summary = json.load(open(tmp_path / "summary.json"))
+  assert 0 <= summary["test/accuracy"] <= 1
+  assert os.listdir(tmp_path / "checkpoints") == ["20"]
+  assert (tmp_path / "metrics.jsonl").stat().st_size > 0
+  assert os.listdir(tmp_path / "tensorboard")
+
+
+BAD = {
+    "unknown method": (["--config.method=adam"], "method='adam' is unknown"),
+    "unknown model": (["--config.model.name=resnet50"], "model.name="),
+    "unknown dataset": (["--config.dataset.name=imagenet"], "dataset.name="),
+    "unknown optimizer": (["--config.optimizer.name=lamb"], "optimizer.name="),
+    "misspelled key": (["--config.optimizer.lerning_rate=0.1"], "lerning_rate"),
+    "negative lr": (["--config.optimizer.learning_rate=-0.1"],
+                    "learning_rate must be non-negative"),
+    "negative r": (["--config.method=gnp", "--config.gnp.r=-1"], "gnp.r"),
+    "label noise": (["--config.dataset.label_noise=1.0"], "label_noise"),
+    "validation too large": (["--config.dataset.validation_size=4000"],
+                             "validation_size"),
+    "group size": (["--config.method=sam", "--config.sam.group_size=7"],
+                   "group_size=7 does not divide"),
+    "unknown variant": (["--config=configs/mnist1d.py:bogus"], "bogus"),
+    "missing config file": (["--config=configs/nothere.py"], "nothere.py"),
+    "bad value type": (["--config.batch_size=ten"], "batch_size=ten"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_bad_config_is_one_line_before_compilation(tmp_path, case):
+  args, expected = BAD[case]
+  if not any(a.startswith("--config=") for a in args):
+    args = ["--config=configs/mnist1d.py", *args]
+  workdir = tmp_path / "run"
+  result = _main(workdir, *args)
+  assert result.returncode != 0
+  lines = [l for l in result.stderr.splitlines()
+           if l.strip() and not _LOG_LINE.match(l)]
+  assert len(lines) == 1, result.stderr[-3000:]
+  assert expected in lines[0], lines[0]
+  assert "Traceback" not in result.stderr
+  assert "Compiling" not in result.stderr
+  assert not workdir.exists()
+
+
+def test_batch_not_divisible_by_the_devices(tmp_path):
+  result = _main(
+      tmp_path / "run", "--config=configs/mnist1d.py",
+      "--config.batch_size=100",
+      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert result.returncode == 1
+  assert "batch_size=100 is not divisible by the device count 8" in (
+      result.stderr.strip().splitlines()[-1])
+  assert "Compiling" not in result.stderr
+
+
+def test_a_misspelled_key_in_a_config_file_is_caught():
+  config = load_config("mnist1d")
+  config.optimizer.lerning_rate = 0.1  # A config file can add keys; validate
+  with pytest.raises(ConfigError, match="did you mean 'optimizer.learning_rate'"):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("name", [
+    "mnist1d", "mnist1d_gnvr", "mnist1d_gc", "mnist1d_hessian", "cifar100_gnp",
+    "cifar100_sam", "cifar100_gvr", "cifar10_wrn_gnp"])
+def test_every_config_is_valid(name):
+  config_lib.validate(load_config(name))
+  config_lib.validate(load_config(name, "smoke"))
+
+
+def test_config_variants():
+  assert load_config("mnist1d_gnvr").method == "gnvr"
+  assert load_config("mnist1d_gnvr", "baseline").method == "plain"
+  assert load_config("mnist1d_gnvr").dataset.label_noise == 0.2
+  assert load_config("mnist1d_gc", "ngs").optimizer.standardize
+  assert not load_config("mnist1d_gc", "baseline").optimizer.centralize
+  assert load_config("cifar100_gvr", "two_view").gvr.alpha == 0
+  assert load_config("cifar100_gvr", "one_view").method == "plain"
+  wrn = load_config("cifar10_wrn_gnp")
+  assert (wrn.batch_size, wrn.optimizer.learning_rate, wrn.num_epochs,
+          wrn.optimizer.l2, wrn.gnp.r, wrn.gnp.alpha, wrn.optimizer.grad_clip,
+          wrn.optimizer.momentum, wrn.optimizer.nesterov,
+          wrn.optimizer.schedule) == (256, 0.1, 200, 1e-3, 0.1, 0.8, 5.0, 0.9,
+                                      True, "cosine")
