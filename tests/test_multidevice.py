@@ -57,4 +57,7 @@ def test_eight_devices_give_the_parameters_of_one(tmp_path, case):
     with np.load(out) as f:
       params[devices] = [f[k] for k in sorted(f.files, key=lambda k: int(k[4:]))]
   for one, eight in zip(params[1], params[8]):
-    np.testing.assert_allclose(eight, one, rtol=1e-4, atol=1e-6)
+    # Summation order differs across devices; a few steps amplify rounding
+    # in single elements, so the tensor as a whole is held to 1e-5.
+    np.testing.assert_allclose(eight, one, rtol=2e-3, atol=2e-4)
+    assert np.linalg.norm(eight - one) <= 1e-5 * np.linalg.norm(one) + 1e-7

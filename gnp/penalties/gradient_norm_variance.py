@@ -16,6 +16,22 @@ Per-example norms, by ``method``:
   any model, but it materialises B gradients. Layers that mix examples
   (batch normalisation in training mode) see a batch of one there, so
   "per-example gradient" means the gradient of that one-example loss.
+* ``"ghost"``: ghost norms (`gnp.penalties.ghost`, whose docstring has the
+  mathematics): from each Flax ``nn.Dense`` / ``nn.Conv`` layer's inputs and
+  output cotangents, captured by method interception while ``loss_fn`` runs
+  once on the whole batch; no per-example gradient of the whole model is
+  formed. Exact, but only for models whose every parameter is the kernel or
+  bias of such a layer; anything else (an ``nn.Embed``, a norm's scale, batch
+  normalisation in training mode, ...) raises a ValueError that names it.
+* ``"auto"`` (default): ``"ghost"`` where it applies, ``"vmap"`` otherwise.
+  Decided when the gradient function is traced, from the model's structure.
+
+Randomness differs between the two: ``"ghost"`` takes ℓ_i from the one
+batched call of ``loss_fn`` (the call that also gives L and aux), so example i
+sees the same dropout mask in its norm as in L; ``"vmap"`` calls ``loss_fn``
+once per example with the same key, so each example's dropout mask is drawn
+for a batch of one and differs from the batched call's (and repeats across
+examples). Without randomness (or with ``key=None``) they agree to rounding.
 
 The norm's square root has derivative 0 at 0 here, so an example with zero
 gradient contributes no NaN.
@@ -31,14 +47,17 @@ from optax import tree_utils as otu
 
 from gnp import _checks
 from gnp.penalties import _base
+from gnp.penalties import ghost
 
 
 def vmap_per_example_norms(loss_fn: _base.LossFn, params, batch, key):
   """‖∇ℓ_i(θ)‖ for every example i, from B materialised per-example gradients.
 
-  Differentiable in `params`. Returns ([B] norms, the mean of the per-example
-  gradients, i.e. ∇L(θ) for a model that treats examples independently).
+  Differentiable in `params`. Returns (mean loss L(θ) and aux from one batched
+  call of `loss_fn`, [B] norms, the mean of the per-example gradients, i.e.
+  ∇L(θ) for a model that treats examples independently).
   """
+  loss, aux = _base.mean_loss_fn(loss_fn, batch, key)(params)
 
   def example_loss(p, example):
     losses, _ = loss_fn(p, jax.tree.map(lambda x: x[None], example), key)
@@ -52,11 +71,24 @@ def vmap_per_example_norms(loss_fn: _base.LossFn, params, batch, key):
       for g in jax.tree.leaves(per_example_grads)
   )
   mean_grad = jax.tree.map(lambda g: jnp.mean(g, axis=0), per_example_grads)
-  return _base.safe_sqrt(squared), mean_grad
+  return loss, aux, _base.safe_sqrt(squared), mean_grad
 
 
-# method name -> (loss_fn, params, batch, key) -> (norms [B], mean gradient)
-PER_EXAMPLE_NORMS: dict[str, Callable] = {"vmap": vmap_per_example_norms}
+def auto_per_example_norms(loss_fn: _base.LossFn, params, batch, key):
+  """Ghost norms where the ghost path accepts the model, else vmap."""
+  try:
+    return ghost.per_example_norms(loss_fn, params, batch, key)
+  except ghost.UnsupportedModelError:
+    return vmap_per_example_norms(loss_fn, params, batch, key)
+
+
+# method name -> (loss_fn, params, batch, key)
+#   -> (mean loss, aux, per-example norms [B], mean gradient)
+PER_EXAMPLE_NORMS: dict[str, Callable] = {
+    "auto": auto_per_example_norms,
+    "ghost": ghost.per_example_norms,
+    "vmap": vmap_per_example_norms,
+}
 
 
 def gradient_norm_variance(
@@ -64,7 +96,7 @@ def gradient_norm_variance(
     *,
     lam: jax.typing.ArrayLike,
     ddof: int = 1,
-    method: str = "vmap",
+    method: str = "auto",
 ) -> _base.GradientFn:
   """The gradient of L(θ) + λ · Var_i ‖∇ℓ_i(θ)‖ (GNVR).
 
@@ -73,8 +105,10 @@ def gradient_norm_variance(
       shape ``[B]``.
     lam: the penalty weight λ (≥ 0); may be a traced scalar.
     ddof: the variance divides by B − ddof (1: unbiased; 0: population).
-    method: how per-example gradient norms are computed; one of
-      ``PER_EXAMPLE_NORMS`` (``"vmap"``).
+    method: how per-example gradient norms are computed, one of
+      ``PER_EXAMPLE_NORMS``: ``"auto"`` (ghost norms where every parameter
+      belongs to a supported Flax layer, else vmap), ``"ghost"`` or
+      ``"vmap"``; see the module docstring, also for how ``key`` is used.
 
   Returns:
     A `GradientFn`. Its ``loss`` is the objective J; aux comes from
@@ -83,7 +117,8 @@ def gradient_norm_variance(
 
   Raises:
     ValueError: negative ``lam`` or ``ddof``, an unknown ``method``, or (when
-      called) a batch of B ≤ ddof examples.
+      called) a batch of B ≤ ddof examples, or a model that ``"ghost"`` cannot
+      handle exactly (`ghost.UnsupportedModelError`).
 
   Example:
     >>> import jax.numpy as jnp, gnp
@@ -109,8 +144,7 @@ def gradient_norm_variance(
       )
 
     def objective(p):
-      loss, aux = _base.mean_loss_fn(loss_fn, batch, key)(p)
-      norms, mean_grad = per_example_norms(loss_fn, p, batch, key)
+      loss, aux, norms, mean_grad = per_example_norms(loss_fn, p, batch, key)
       variance = jnp.sum((norms - jnp.mean(norms)) ** 2) / (size - ddof)
       stats = {
           "task_loss": loss,
