@@ -3,7 +3,9 @@
 * `gnp.penalties`: loss function -> gradient function, one regulariser each,
   with `jax.value_and_grad`'s calling convention.
 * `gnp.transforms`: optax gradient transformations (GC, NGS).
-* `gnp.models`: small Flax models.
+* `gnp.models`: Flax models (MLP, CNN, ResNet-18, WideResNet, VGG-16-BN).
+* `gnp.data`, `gnp.train`, `gnp.main`: the training system
+  (`python -m gnp.main --config=configs/mnist1d.py --workdir=DIR`).
 """
 
 from gnp import models

@@ -22,3 +22,21 @@ def test_readme_example_runs_and_trains():
     params, opt_state, loss = step(params, opt_state, batch,
                                    namespace["jax"].random.key(i))
   assert jnp.isfinite(loss) and loss < first_loss
+
+
+def test_readme_first_command_trains_the_default(tmp_path):
+  from tests.helpers import run  # pylint: disable=g-import-not-at-top
+
+  block = re.findall(r"```bash\n(.*?)```", README.read_text(), re.DOTALL)[0]
+  install, command = block.strip().splitlines()
+  assert install.startswith("pip install -e .")
+  prefix = "python -m gnp.main --config=configs/mnist1d.py --workdir="
+  assert command.startswith(prefix)
+  result = run(["-m", "gnp.main", "--config=configs/mnist1d.py",
+                f"--workdir={tmp_path}"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "examples/s" in result.stderr and "test/accuracy" in result.stderr
+  for name in ("metrics.jsonl", "summary.json", "config.json"):
+    assert (tmp_path / name).exists()
+  assert list((tmp_path / "tensorboard").iterdir())
+  assert list((tmp_path / "checkpoints").iterdir())
