@@ -233,3 +233,24 @@ def test_the_cifar_path_end_to_end_on_mocked_tfds(tmp_path):
   assert summary["steps"] == 3 and np.isfinite(summary["train/loss"])
   assert summary["train/penalty"] > 0  # Two different views of each image.
   assert 0 <= summary["test/accuracy"] <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, extra", [
+    ("resnet18", {}), ("vgg16_bn", {}),
+    ("wide_resnet", {"model.depth": 16, "model.width": 2}),
+    ("cnn", {"model.hidden": (8, 16)})])
+def test_each_model_takes_a_step(name, extra):
+  config = tiny_mnist1d(**{
+      "model.name": name, "dataset.name": "synthetic",
+      "dataset.input_shape": (32, 32, 3), "dataset.num_train": 16,
+      "dataset.validation_size": 0, "batch_size": 8,
+      "optimizer.name": "sgd", "optimizer.learning_rate": 0.1, **extra})
+  exp = train.create_experiment(config)
+  state = exp.init()
+  before = jax.device_get(state.params)
+  state, metrics = exp.step(state, exp.train_batch(0))
+  assert np.isfinite(metrics["loss"]) and metrics["update_norm"] > 0
+  moved = [not np.array_equal(a, b) for a, b in
+           zip(jax.tree.leaves(before), jax.tree.leaves(state.params))]
+  assert all(moved)
