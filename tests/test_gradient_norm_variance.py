@@ -29,13 +29,15 @@ def loop_objective(loss_fn, params, batch, lam, ddof):
   return objective, theta
 
 
+@pytest.mark.parametrize("method", ["vmap", "ghost"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("ddof", [0, 1])
-def test_equals_python_loop_reference(seed, ddof, x64):
+def test_equals_python_loop_reference(seed, ddof, method, x64):
   loss_fn, params, batch = tiny_problem(seed, batch_size=6)
   lam = 0.3
   objective, theta = loop_objective(loss_fn, params, batch, lam, ddof)
-  grad_fn = gnp.penalties.gradient_norm_variance(loss_fn, lam=lam, ddof=ddof)
+  grad_fn = gnp.penalties.gradient_norm_variance(loss_fn, lam=lam, ddof=ddof,
+                                                 method=method)
   (loss, aux), grads, stats = grad_fn.with_stats(params, batch, None)
   (expected_loss, expected_variance), expected_grads = jax.value_and_grad(
       objective, has_aux=True)(theta)
