@@ -299,30 +299,33 @@ def _mask_rows(mask, groups: int, p: int, q: int):
   return jnp.transpose(mask, (2, 1, 0, 3)).reshape(groups, p, q)
 
 
-def _kernel_squared_norms(rows, masks, branch: Branch):
-  """‖Σ_calls Σ_t a_tᵀ δ_t‖² per example for one kernel: [B]."""
-  if any(mask is not None for mask in masks):
-    # The mask multiplies each call's gradient entry-wise: only the outer form
+def _kernel_squared_norms(rows, masks, branch: Branch, with_bias: bool):
+  """‖Σ_calls Σ_t a_tᵀ δ_t‖² per example for one kernel: [B].
+
+  With ``with_bias`` (the calls share one bias too) ‖Σ_calls Σ_t δ_t‖² is
+  added, folded into the Gram form as a constant input feature 1.
+  """
+  if any(mask is not None for mask in masks) or branch == "outer":
+    # A mask multiplies each call's gradient entry-wise: only the outer form
     # can apply it.
-    total = 0
+    kernel = bias = 0
     for (a, d), mask in zip(rows, masks):
       grad = jnp.einsum("btgp,btgq->bgpq", a, d)
       if mask is not None:
         grad = grad * _mask_rows(mask, *grad.shape[1:]).astype(grad.dtype)
-      total = total + grad
-    return jnp.sum(total ** 2, axis=(1, 2, 3))
+      kernel, bias = kernel + grad, bias + jnp.sum(d, axis=1)
+    squared = jnp.sum(kernel ** 2, axis=(1, 2, 3))
+    return squared + jnp.sum(bias ** 2, axis=(1, 2)) if with_bias else squared
   a = jnp.concatenate([a for a, _ in rows], axis=1)
   d = jnp.concatenate([d for _, d in rows], axis=1)
   positions, p, q = a.shape[1], a.shape[-1], d.shape[-1]
-  if branch == "auto":
-    branch = "gram" if _gram_is_cheaper(positions, p, q) else "outer"
-  if branch == "outer":
-    grad = jnp.einsum("btgp,btgq->bgpq", a, d)
-    return jnp.sum(grad ** 2, axis=(1, 2, 3))
-  if positions == 1:
-    return jnp.sum(jnp.sum(a ** 2, axis=(1, 3)) * jnp.sum(d ** 2, axis=(1, 3)),
-                   axis=1)
-  gram_a = jnp.einsum("btgp,bsgp->bgts", a, a)
+  if branch == "auto" and not _gram_is_cheaper(positions, p, q):
+    return _kernel_squared_norms(rows, masks, "outer", with_bias)
+  if positions == 1:  # (‖a‖² + 1)‖δ‖² per group, on [B, G, ·] arrays
+    a, d = a[:, 0], d[:, 0]
+    return jnp.sum((jnp.sum(a ** 2, axis=-1) + with_bias)
+                   * jnp.sum(d ** 2, axis=-1), axis=-1)
+  gram_a = jnp.einsum("btgp,bsgp->bgts", a, a) + with_bias
   gram_d = jnp.einsum("btgq,bsgq->bgts", d, d)
   return jnp.sum(gram_a * gram_d, axis=(1, 2, 3))
 
@@ -418,8 +421,12 @@ def per_example_norms(
       biases.setdefault(call.bias, []).append(k)
   squared = jnp.zeros(size, jnp.promote_types(losses.dtype, jnp.float32))
   for ks in kernels.values():
+    bias = calls[ks[0]].bias
+    with_bias = biases.get(bias) == ks  # the usual layer: one kernel, one bias
+    if with_bias:
+      del biases[bias]
     squared += _kernel_squared_norms(
-        [rows[k] for k in ks], [masks[k] for k in ks], branch)
+        [rows[k] for k in ks], [masks[k] for k in ks], branch, with_bias)
   for ks in biases.values():
     bias_grad = sum(jnp.sum(rows[k][1], axis=1) for k in ks)
     squared += jnp.sum(bias_grad ** 2, axis=(1, 2))
