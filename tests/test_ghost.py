@@ -355,3 +355,10 @@ def test_examples_off_the_leading_axis_are_refused():
                              None)
   with pytest.raises(ValueError, match=r"shape \(4, 3\).*leading axis"):
     ghost.analyze(loss_fn, params, x, None)
+  # An unbatched 1-D convolution input [T, C] whose T happens to equal B.
+  conv = nn.Conv(2, (2,))
+  params = conv.init(jax.random.key(0), x)["params"]
+  loss_fn = lambda p, b, k: (jnp.sum(conv.apply({"params": p}, b), axis=1),
+                             None)
+  with pytest.raises(ValueError, match=r"shape \(3, 4\).*leading axis"):
+    ghost.analyze(loss_fn, params, x, None)

@@ -13,9 +13,10 @@ convolution),
 and its squared norm needs neither that P×Q matrix nor B copies of it:
 
     ‖Σ_t a_tᵀ δ_t‖² = Σ_{t,t'} (a_t·a_t')(δ_t·δ_t')   (Gram form, ~T²(P+Q)),
-    ‖∂ℓ_i/∂b‖²    = ‖Σ_t δ_t‖².
+    ‖∂ℓ_i/∂b‖²    = ‖Σ_t δ_t‖²  = Σ_{t,t'} 1 · (δ_t·δ_t'),
 
-For T = 1 the Gram form is ‖a‖²‖δ‖². Where T(P+Q) > PQ it is cheaper to form
+so a bias is a constant input feature 1 and, for T = 1, a dense layer's
+kernel and bias together give (‖a‖² + 1)‖δ‖². Where T(P+Q) > PQ it is cheaper to form
 the per-example kernel gradient Σ_t a_tᵀ δ_t of this one layer (outer form,
 ~TPQ) and take its norm; each layer takes whichever needs fewer FLOPs (which
 also needs less memory: the Gram form wins only where 2T² < PQ/2). A
@@ -154,8 +155,16 @@ def _layer_input(args, kwargs):
   return args[0] if args else kwargs["inputs"]
 
 
-def _check_leading_axis(module, x, y, size: int) -> None:
-  if jnp.ndim(x) < 2 or jnp.shape(x)[0] != size or jnp.shape(y)[0] != size:
+def _kernel_size(module) -> tuple[int, ...]:
+  size = module.kernel_size
+  return (size,) if isinstance(size, int) else tuple(size)
+
+
+def _check_leading_axis(module, kind: str, x, y, size: int) -> None:
+  # A convolution's input needs a batch axis besides its spatial and feature
+  # axes (Flax accepts unbatched inputs, whose leading axis is spatial).
+  least = 2 if kind == "dense" else len(_kernel_size(module)) + 2
+  if jnp.ndim(x) < least or jnp.shape(x)[0] != size or jnp.shape(y)[0] != size:
     raise UnsupportedModelError(
         f"layer '{_module_path(module)}' is applied to an input of shape "
         f"{jnp.shape(x)}: the ghost path needs the B={size} examples along the "
@@ -215,7 +224,7 @@ def analyze(loss_fn: _base.LossFn, params, batch, key) -> tuple[LayerCall, ...]:
       return next_fun(*args, **kwargs)
     x = _layer_input(args, kwargs)
     y = next_fun(*args, **kwargs)
-    _check_leading_axis(module, x, y, size)
+    _check_leading_axis(module, kind, x, y, size)
     calls.append(LayerCall(_module_path(module), kind, *leaves,
                            tuple(y.shape), y.dtype))
     # A stand-in that depends on the layer's input only: in the traced losses
@@ -259,8 +268,7 @@ def _rows(call: LayerCall, module, x, delta, norm_dtype):
     # Patches from the layer's own geometry (its padding, strides, dilations,
     # extra batch axes), by an identity kernel: channel c·K + j of the result
     # is input channel c at kernel offset j.
-    kernel_size = ((module.kernel_size,) if isinstance(module.kernel_size, int)
-                   else tuple(module.kernel_size))
+    kernel_size = _kernel_size(module)
     window = math.prod(kernel_size)
     channels = x.shape[-1]
     groups = module.feature_group_count
@@ -276,11 +284,6 @@ def _rows(call: LayerCall, module, x, delta, norm_dtype):
     identity = jnp.tile(eye, (1,) * (len(kernel_size) + 1) + (channels,))
     a = patcher.apply({"params": {"kernel": identity}},
                       x.astype(call.out_dtype))
-  a = a.reshape(size, -1, groups, a.shape[-1] // groups).astype(norm_dtype)
-  d = delta.reshape(size, -1, groups, delta.shape[-1] // groups)
-  return a, d.astype(norm_dtype)
-  a = patcher.apply({"params": {"kernel": identity}},
-                    x.astype(call.out_dtype))
   a = a.reshape(size, -1, groups, a.shape[-1] // groups).astype(norm_dtype)
   d = delta.reshape(size, -1, groups, delta.shape[-1] // groups)
   return a, d.astype(norm_dtype)
