@@ -267,6 +267,20 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, regularizer,
   return new_state, metrics
 
 
+def train_step_on_device_data(state: TrainState, train_data, epoch_indices,
+                              **kwargs):
+  """`train_step` on the batch gathered from the device-resident train split.
+
+  ``epoch_indices[i]`` holds the example indices of the epoch's step i (from
+  `gnp.data.pipeline`), split over the devices along the batch axis, so the
+  step needs nothing from the host: the epoch's indices cross once per
+  epoch, the data once per run.
+  """
+  idx = epoch_indices[state.step % epoch_indices.shape[0]]
+  batch = tuple(jnp.take(a, idx, axis=0) for a in train_data)
+  return train_step(state, batch, **kwargs)
+
+
 def eval_step(state: TrainState, batch, *, model, preprocess):
   """Sums of loss and correct predictions over the real (unpadded) rows."""
   x, y, mask = batch
@@ -284,12 +298,17 @@ def eval_step(state: TrainState, batch, *, model, preprocess):
 # --- Placement -------------------------------------------------------------
 
 
-def _to_device(arrays, sharding):
-  """This process's rows of a global batch -> one global, sharded array."""
-  rows = arrays[0].shape[0] // jax.process_count()
-  start = jax.process_index() * rows
+def _to_device(arrays, sharding, axis=0):
+  """This process's slice (along ``axis``) of global arrays -> global arrays."""
+  if sharding.is_fully_replicated:
+    return tuple(jax.make_array_from_process_local_data(sharding, a, a.shape)
+                 for a in arrays)
+  size = arrays[0].shape[axis] // jax.process_count()
+  start = jax.process_index() * size
   return tuple(
-      jax.make_array_from_process_local_data(sharding, a[start:start + rows])
+      jax.make_array_from_process_local_data(
+          sharding, np.take(a, np.arange(start, start + size), axis=axis),
+          a.shape)
       for a in arrays
   )
 
@@ -316,10 +335,27 @@ class Experiment:
   abstract_state: TrainState
   init: Callable[[], TrainState]
   step: Callable  # (state, (x, y)) -> (state, metrics)
+  # (state, train_data, epoch_indices) -> (state, metrics): what the loop runs.
+  step_on_device_data: Callable
   eval: Callable  # (state, (x, y, mask)) -> sums
 
   def batch(self, arrays):
     return _to_device(arrays, NamedSharding(self.mesh, P("data")))
+
+  def train_data(self):
+    """The train split, replicated on every device."""
+    return _to_device(self.dataset.train, NamedSharding(self.mesh, P()))
+
+  def epoch_indices(self, epoch: int):
+    """[steps_per_epoch, batch_size] example indices, split along the batch."""
+    first = epoch * self.steps_per_epoch
+    idx = np.stack([
+        pipeline.train_indices(len(self.dataset.train[0]),
+                               self.config.batch_size, self.config.seed, step)
+        for step in range(first, first + self.steps_per_epoch)
+    ]).astype(np.int32)
+    return _to_device((idx,), NamedSharding(self.mesh, P(None, "data")),
+                      axis=1)[0]
 
   def train_batch(self, step: int):
     """The global batch of (0-based) ``step``, placed on the devices."""
@@ -379,11 +415,19 @@ def create_experiment(config: ml_collections.ConfigDict,
   replicated = NamedSharding(mesh, P())
   split = NamedSharding(mesh, P("data"))
   state_sharding = jax.tree.map(lambda _: replicated, abstract)
+  step_args = dict(model=model, tx=tx, schedule=schedule,
+                   regularizer=regularizer, preprocess=dataset.preprocess,
+                   augment=augment, l2=config.optimizer.l2)
   step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                        regularizer=regularizer, preprocess=dataset.preprocess,
-                        augment=augment, l2=config.optimizer.l2),
+      functools.partial(train_step, **step_args),
       in_shardings=(state_sharding, split),
+      out_shardings=(state_sharding, replicated),
+      donate_argnums=0,
+  )
+  step_on_device_data = jax.jit(
+      functools.partial(train_step_on_device_data, **step_args),
+      in_shardings=(state_sharding, replicated,
+                    NamedSharding(mesh, P(None, "data"))),
       out_shardings=(state_sharding, replicated),
       donate_argnums=0,
   )
@@ -397,7 +441,7 @@ def create_experiment(config: ml_collections.ConfigDict,
       total_steps=config.num_steps or config.num_epochs * steps_per_epoch,
       mesh=mesh, abstract_state=abstract,
       init=lambda: jax.jit(init, out_shardings=state_sharding)(rng),
-      step=step_fn, eval=eval_fn,
+      step=step_fn, step_on_device_data=step_on_device_data, eval=eval_fn,
   )
 
 
@@ -441,12 +485,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = Progress(total_steps, config.batch_size, start)
   started = time.perf_counter()
   pending, evals, train_record = [], {}, {}
-  next_batch = exp.train_batch(start) if start < total_steps else None
+  train_data = exp.train_data()
+  epoch, epoch_indices = None, None
   for step in range(start + 1, total_steps + 1):
-    batch = next_batch
-    state, metrics = exp.step(state, batch)
-    # Put the next batch on its way while this step runs.
-    next_batch = exp.train_batch(step) if step < total_steps else None
+    if (step - 1) // steps_per_epoch != epoch:
+      epoch = (step - 1) // steps_per_epoch
+      epoch_indices = exp.epoch_indices(epoch)
+    # Dispatch is asynchronous: the host runs ahead until it needs a value.
+    state, metrics = exp.step_on_device_data(state, train_data, epoch_indices)
     pending.append(metrics)
     last = step == total_steps
     if step % config.log_every_steps == 0 or last:

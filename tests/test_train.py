@@ -254,3 +254,17 @@ def test_each_model_takes_a_step(name, extra):
   moved = [not np.array_equal(a, b) for a, b in
            zip(jax.tree.leaves(before), jax.tree.leaves(state.params))]
   assert all(moved)
+
+
+def test_the_loop_step_on_device_data_equals_the_step_on_a_host_batch():
+  config = tiny_mnist1d(method="gnp")
+  exp = train.create_experiment(config)
+  data = exp.train_data()
+  first, second = exp.init(), exp.init()
+  for step in range(20):  # Crosses the epoch boundary at step 18.
+    indices = exp.epoch_indices(step // exp.steps_per_epoch)
+    first, m1 = exp.step_on_device_data(first, data, indices)
+    second, m2 = exp.step(second, exp.train_batch(step))
+    assert float(m1["loss"]) == float(m2["loss"])
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+    np.testing.assert_array_equal(a, b)
