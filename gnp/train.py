@@ -36,8 +36,8 @@ from optax import tree_utils as otu
 from gnp import config as config_lib
 from gnp import data as data_lib
 from gnp import models
-from gnp import penalties
-from gnp import transforms
+from gnp import optim
+from gnp import regularizers
 from gnp.checkpoints import Checkpointer
 from gnp.data import augment as augment_lib
 from gnp.data import pipeline
@@ -71,125 +71,6 @@ def build_model(config: ml_collections.ConfigDict, dataset) -> Any:
   if m.name == "wide_resnet":
     kwargs.update(depth=m.depth, width=m.width, dropout_rate=m.dropout_rate)
   return models.create(m.name, **kwargs)
-
-
-def learning_rate_schedule(opt, steps_per_epoch: int, total_steps: int):
-  """Linear warm-up from 0, then constant, cosine decay to 0, or steps."""
-  warmup = round(opt.warmup_epochs * steps_per_epoch)
-  rest = max(total_steps - warmup, 1)
-  if opt.schedule == "cosine":
-    main = optax.cosine_decay_schedule(opt.learning_rate, rest)
-  elif opt.schedule == "step":
-    main = optax.piecewise_constant_schedule(
-        opt.learning_rate,
-        {e * steps_per_epoch - warmup: opt.step_factor for e in opt.step_epochs},
-    )
-  else:
-    main = optax.constant_schedule(opt.learning_rate)
-  if not warmup:
-    return main
-  ramp = optax.linear_schedule(0.0, opt.learning_rate, warmup)
-  return optax.join_schedules([ramp, main], [warmup])
-
-
-def build_optimizer(opt, schedule) -> optax.GradientTransformation:
-  """Clipping -> coupled weight decay -> GC/NGS -> the optimiser."""
-  chain = []
-  if opt.grad_clip is not None:
-    chain.append(optax.clip_by_global_norm(opt.grad_clip))
-  if opt.weight_decay and opt.name != "adamw":
-    # Coupled decay enters the gradient before GC/NGS, as in Yong et al.
-    chain.append(optax.add_decayed_weights(opt.weight_decay))
-  if opt.centralize:
-    chain.append(transforms.centralize(conv_only=opt.transforms_conv_only))
-  if opt.standardize:
-    chain.append(transforms.standardize(conv_only=opt.transforms_conv_only))
-  if opt.name == "sgd":
-    chain.append(optax.sgd(schedule, momentum=opt.momentum or None,
-                           nesterov=opt.nesterov))
-  elif opt.name == "adam":
-    chain.append(optax.adam(schedule, b1=opt.b1, b2=opt.b2))
-  else:
-    chain.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2,
-                             weight_decay=opt.weight_decay))
-  return optax.chain(*chain)
-
-
-@dataclasses.dataclass(frozen=True)
-class Regularizer:
-  """The configured method: ``make(loss_fn, step)`` gives its GradientFn.
-
-  Strengths and radii are computed from the step inside the jitted step
-  (warm-up strategies), so they are traced and nothing recompiles.
-  """
-
-  method: str
-  hparams: dict  # Strengths / radii by argument name.
-  options: dict  # Static arguments (exact, group_size, ddof, ...).
-  warmup: str
-  warmup_steps: int
-  views: Callable | None = None
-
-  @property
-  def group_size(self) -> int | None:
-    return self.options.get("group_size")
-
-  def values(self, step) -> dict:
-    if self.warmup == "none":
-      return dict(self.hparams)
-    ramp = jnp.minimum(step / self.warmup_steps, 1.0)
-    if self.warmup == "zero":
-      ramp = (step >= self.warmup_steps).astype(jnp.float32)
-    # "r" ramps the radius; "lambda" and "zero" the strength. SAM has only a
-    # radius, so every strategy ramps ρ.
-    ramped = {"r": ("r",), "lambda": ("alpha", "lam", "rho"),
-              "zero": ("alpha", "lam", "rho")}[self.warmup]
-    if self.method == "sam":
-      ramped = ("rho",)
-    return {k: v * ramp if k in ramped else v for k, v in self.hparams.items()}
-
-  def make(self, loss_fn, step) -> penalties.GradientFn:
-    kwargs = {**self.values(step), **self.options}
-    if self.method == "plain":
-      return penalties.plain(loss_fn)
-    if self.method == "gnp":
-      return penalties.gradient_norm(loss_fn, **kwargs)
-    if self.method == "sam":
-      return penalties.sam(loss_fn, **kwargs)
-    if self.method == "gnvr":
-      return penalties.gradient_norm_variance(loss_fn, **kwargs)
-    if self.method == "gvr":
-      return penalties.view_consistency(loss_fn, views=self.views, **kwargs)
-    return penalties.hessian_frobenius(loss_fn, **kwargs)
-
-
-def build_regularizer(config, steps_per_epoch: int, augment) -> Regularizer:
-  c = config[config.method] if config.method != "plain" else {}
-  hparams, options = {}, {}
-  if config.method == "gnp":
-    hparams = {"r": c.r, "alpha": c.alpha}
-    options = {"exact": c.exact, "normalize_first": c.normalize_first,
-               "group_size": c.group_size}
-  elif config.method == "sam":
-    hparams, options = {"rho": c.rho}, {"group_size": c.group_size}
-  elif config.method == "gnvr":
-    hparams, options = {"lam": c.lam}, {"ddof": c.ddof, "method": c.method}
-  elif config.method == "gvr":
-    hparams, options = {"alpha": c.alpha}, {"wrt": c.wrt}
-  elif config.method == "hessian":
-    hparams, options = {"lam": c.lam}, {"num_probes": c.num_probes}
-
-  def views(batch, key):
-    x, y = batch
-    first, second = jax.random.split(key)
-    return (augment(first, x), y), (augment(second, x), y)
-
-  return Regularizer(
-      method=config.method, hparams=hparams, options=options,
-      warmup=config.regularizer_warmup,
-      warmup_steps=max(round(config.optimizer.warmup_epochs * steps_per_epoch), 1),
-      views=views if config.method == "gvr" else None,
-  )
 
 
 def make_loss_fn(model, batch_stats, *, l2: float) -> Callable:
@@ -328,7 +209,7 @@ class Experiment:
   config: ml_collections.ConfigDict
   dataset: Any
   model: Any
-  regularizer: Regularizer
+  regularizer: regularizers.Regularizer
   steps_per_epoch: int
   total_steps: int
   mesh: jax.sharding.Mesh
@@ -388,11 +269,11 @@ def create_experiment(config: ml_collections.ConfigDict,
   steps_per_epoch = pipeline.steps_per_epoch(len(dataset.train[0]),
                                              config.batch_size)
   model = build_model(config, dataset)
-  schedule = learning_rate_schedule(config.optimizer, steps_per_epoch,
+  schedule = optim.learning_rate_schedule(config.optimizer, steps_per_epoch,
                                     config.num_epochs * steps_per_epoch)
-  tx = build_optimizer(config.optimizer, schedule)
+  tx = optim.build_optimizer(config.optimizer, schedule)
   augment = augment_lib.make_augment(config.augment)
-  regularizer = build_regularizer(config, steps_per_epoch, augment)
+  regularizer = regularizers.build_regularizer(config, steps_per_epoch, augment)
 
   def init(rng):
     sample = jnp.zeros((1, *dataset.input_shape), jnp.float32)

@@ -11,6 +11,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from gnp import checkpoints
+from gnp import optim
+from gnp import regularizers
 from gnp import train
 from tests.helpers import load_config
 from tests.helpers import tiny_mnist1d
@@ -128,7 +130,7 @@ def test_warmup_strategies_ramp_the_right_hyperparameter():
   values = {}
   for strategy in ("none", "lambda", "r", "zero"):
     config.regularizer_warmup = strategy
-    reg = train.build_regularizer(config, steps, lambda k, x: x)
+    reg = regularizers.build_regularizer(config, steps, lambda k, x: x)
     values[strategy] = [
         {k: float(v) for k, v in reg.values(jnp.asarray(s)).items()}
         for s in (0, 9, 18, 36)
@@ -146,12 +148,12 @@ def test_learning_rate_schedules():
   config = tiny_mnist1d()
   opt = config.optimizer
   opt.learning_rate, opt.warmup_epochs, opt.schedule = 1.0, 1.0, "cosine"
-  schedule = train.learning_rate_schedule(opt, 10, 110)
+  schedule = optim.learning_rate_schedule(opt, 10, 110)
   np.testing.assert_allclose([schedule(s) for s in (0, 5, 10, 60, 110)],
                              [0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
   opt.warmup_epochs, opt.schedule = 0.0, "step"
   opt.step_epochs, opt.step_factor = (2, 4), 0.1
-  schedule = train.learning_rate_schedule(opt, 10, 60)
+  schedule = optim.learning_rate_schedule(opt, 10, 60)
   np.testing.assert_allclose([schedule(s) for s in (0, 19, 20, 39, 40)],
                              [1, 1, 0.1, 0.1, 0.01], rtol=1e-6)
 
