@@ -16,6 +16,7 @@ Variants combine with commas: ``two_view,smoke``.
 """
 
 from gnp.config import default_config
+from gnp.config import smoke
 
 
 def get_config(arg=None):
@@ -48,13 +49,5 @@ def get_config(arg=None):
   config.log_every_steps = 100
   config.checkpoint_every_steps = 2000
   if "smoke" in variants:
-    config.dataset.name = "synthetic"
-    config.dataset.input_shape = (32, 32, 3)
-    config.dataset.num_classes = 100
-    config.dataset.num_train = 64
-    config.dataset.num_test = 16
-    config.batch_size = 8
-    config.eval_batch_size = 16
-    config.num_steps = 2
-    config.log_every_steps = 1
+    smoke(config)
   return config

@@ -11,6 +11,7 @@ reports about 97.5% test accuracy for this setting (vs about 96.9% for SGD).
 """
 
 from gnp.config import default_config
+from gnp.config import smoke
 
 
 def get_config(arg=None):
@@ -43,13 +44,5 @@ def get_config(arg=None):
   config.log_every_steps = 100
   config.checkpoint_every_steps = 2000
   if arg == "smoke":
-    config.dataset.name = "synthetic"
-    config.dataset.input_shape = (32, 32, 3)
-    config.dataset.num_classes = 10
-    config.dataset.num_train = 64
-    config.dataset.num_test = 16
-    config.batch_size = 8
-    config.eval_batch_size = 16
-    config.num_steps = 2
-    config.log_every_steps = 1
+    smoke(config)
   return config

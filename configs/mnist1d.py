@@ -12,6 +12,7 @@ held out for validation, 1,000 test). 30 epochs take well under a minute on
 """
 
 from gnp.config import default_config
+from gnp.config import smoke
 
 
 def get_config(arg=None):
@@ -32,8 +33,7 @@ def get_config(arg=None):
   config.num_epochs = 30
   config.log_every_steps = 100
   if arg == "smoke":
-    config.num_steps = 20
-    config.log_every_steps = 10
+    smoke(config)
   elif arg:
     raise ValueError(f"unknown variant {arg!r}; the only variant is 'smoke'.")
   return config

@@ -12,6 +12,7 @@ Variants (comma separated): one of ``baseline``, ``gc`` (default), ``ngs``;
 """
 
 from gnp.config import default_config
+from gnp.config import smoke
 
 
 def get_config(arg=None):
@@ -42,6 +43,5 @@ def get_config(arg=None):
   config.batch_size = 100
   config.num_epochs = 100
   if "smoke" in variants:
-    config.num_steps = 20
-    config.log_every_steps = 10
+    smoke(config)
   return config

@@ -11,6 +11,7 @@ separated): ``baseline`` (method plain), ``smoke`` (20 steps).
 """
 
 from gnp.config import default_config
+from gnp.config import smoke
 
 
 def get_config(arg=None):
@@ -40,6 +41,5 @@ def get_config(arg=None):
   config.batch_size = 100
   config.num_epochs = 30
   if "smoke" in variants:
-    config.num_steps = 20
-    config.log_every_steps = 10
+    smoke(config)
   return config

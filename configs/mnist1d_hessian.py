@@ -11,6 +11,7 @@ final validation loss. Variants: ``baseline`` (method plain), ``smoke``.
 """
 
 from gnp.config import default_config
+from gnp.config import smoke
 
 
 def get_config(arg=None):
@@ -36,6 +37,5 @@ def get_config(arg=None):
   config.batch_size = 100
   config.num_epochs = 20
   if "smoke" in variants:
-    config.num_steps = 20
-    config.log_every_steps = 10
+    smoke(config)
   return config

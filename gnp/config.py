@@ -118,6 +118,34 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+_IMAGE_DATASETS = {"cifar10": ((32, 32, 3), 10), "cifar100": ((32, 32, 3), 100)}
+
+
+def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks ``config`` in place to a run of seconds that needs no download.
+
+  Image datasets become synthetic data of the same shape and number of
+  classes (so the model is the real one); every run stops after a few steps.
+  This is what each config's ``:smoke`` variant calls.
+  """
+  if config.dataset.name in _IMAGE_DATASETS:
+    shape, classes = _IMAGE_DATASETS[config.dataset.name]
+    config.dataset.name = "synthetic"
+    config.dataset.input_shape = shape
+    config.dataset.num_classes = classes
+    config.dataset.num_train = 64
+    config.dataset.num_test = 16
+    config.dataset.validation_size = 0
+    config.batch_size = 8
+    config.eval_batch_size = 16
+    config.num_steps = 2
+    config.log_every_steps = 1
+  else:
+    config.num_steps = 20
+    config.log_every_steps = 10
+  return config
+
+
 def _flatten(config, prefix="") -> dict:
   out = {}
   for key, value in config.items():
