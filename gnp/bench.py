@@ -1,0 +1,448 @@
+"""Step cost of every method: ``python -m gnp.bench --out=DIR``.
+
+Times the real jitted train step (`gnp.train.create_experiment(config).step`)
+of each method on one fixed batch already on the device, and writes
+``DIR/bench.md`` (a table) and ``DIR/bench.json`` (everything, with the
+per-step times and the machine). Rows: plain, GC, NGS, SAM, GNP (finite
+difference and exact), GNVR (vmap and ghost norms), GVR and the Hessian
+penalty, each the default config with one thing changed.
+
+Models: the mnist1d MLP (40→256→256→10, batch 100, AdamW; exactly
+``configs/mnist1d.py``) always, and ResNet-18 (CIFAR stem, batch 128, the
+``configs/cifar100_gnp.py`` optimiser) on synthetic 32×32×3 data with 100
+classes when a GPU is present, so nothing is downloaded.
+
+Shared machines are noisy, so methods are interleaved: for each round, a
+block of ``--block`` steps of every method in turn (the order rotating from
+round to round), until each has ``--repeats`` timed steps. Each row is the
+median over its steps (with the quartiles), and ratios to plain are quotients
+of medians from the same run. Every step is synchronised with
+`jax.block_until_ready`, so a time includes dispatch, not only the math.
+
+    python -m gnp.bench --out=runs/bench                       # CPU: the MLP
+    python -m gnp.bench --models=resnet18 --dtype=bfloat16 --out=runs/bench
+    python -m gnp.bench --smoke --methods=plain,sam --out=/tmp/bench
+
+See docs/performance.md for measured numbers and what they mean.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import NamedTuple
+
+import jax
+import jaxlib
+import ml_collections
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+
+from gnp import config as config_lib
+from gnp import data as data_lib
+from gnp import train
+from gnp.errors import UserError
+
+# Row id -> (label, config overrides). GVR's augmentation depends on the model
+# and is added in `method_config`.
+METHODS = {
+    "plain": ("plain", {}),
+    "gc": ("GC", {"optimizer.centralize": True}),
+    "ngs": ("NGS", {"optimizer.standardize": True}),
+    "sam": ("SAM", {"method": "sam"}),
+    "gnp": ("GNP (finite difference)", {"method": "gnp"}),
+    "gnp_exact": ("GNP (exact)", {"method": "gnp", "gnp.exact": True}),
+    "gnvr_vmap": ("GNVR (vmap)", {"method": "gnvr", "gnvr.method": "vmap"}),
+    "gnvr_ghost": ("GNVR (ghost)", {"method": "gnvr", "gnvr.method": "ghost"}),
+    "gvr": ("GVR", {"method": "gvr"}),
+    "hessian": ("Hessian", {"method": "hessian"}),
+}
+MODELS = ("mlp", "resnet18")
+
+
+class Target(NamedTuple):
+  """A goal from the "Performance" issue, and the setting it is stated for."""
+
+  bound: float
+  setting: dict  # backend, batch_size (and dtype) the goal is stated for.
+  throughput: bool = False  # ≥ bound examples/s; else ≤ bound × plain.
+
+
+_CPU_MLP = {"backend": "cpu", "batch_size": 100}
+_GPU_RESNET = {"backend": "gpu", "batch_size": 128, "dtype": "bfloat16"}
+TARGETS = {  # (model, method) -> target.
+    ("mlp", "gc"): Target(1.1, _CPU_MLP),
+    ("mlp", "ngs"): Target(1.1, _CPU_MLP),
+    ("mlp", "sam"): Target(2.0, _CPU_MLP),
+    ("mlp", "gnp"): Target(2.0, _CPU_MLP),
+    ("mlp", "gnvr_ghost"): Target(2.0, _CPU_MLP),
+    ("mlp", "gvr"): Target(3.0, _CPU_MLP),
+    ("mlp", "hessian"): Target(4.5, _CPU_MLP),
+    ("resnet18", "plain"): Target(30_000, _GPU_RESNET, throughput=True),
+    ("resnet18", "sam"): Target(2.05, _GPU_RESNET),
+    ("resnet18", "gnp"): Target(2.05, _GPU_RESNET),
+}
+
+
+# --- Configs ---------------------------------------------------------------
+
+
+def base_config(model: str, *, dtype: str = "float32",
+                smoke: bool = False) -> ml_collections.ConfigDict:
+  """The plain config a model's rows start from."""
+  config = config_lib.default_config()  # The mnist1d MLP with AdamW.
+  if model == "mlp":  # Now configs/mnist1d.py (a test keeps them equal).
+    config.dataset.validation_size = 500
+    config.optimizer.weight_decay = 1e-2
+    if smoke:
+      config.dataset.num_samples = 500
+      config.dataset.validation_size = 0
+      config.model.hidden = (16, 16)
+      config.batch_size = 10
+  else:  # resnet18: configs/cifar100_gnp.py on synthetic data.
+    config.dataset.name = "synthetic"
+    config.dataset.input_shape = (32, 32, 3)
+    config.dataset.num_classes = 100
+    config.dataset.num_train = 1280
+    config.dataset.num_test = 128
+    config.augment.crop_padding = 4
+    config.augment.flip = True
+    config.model.name = "resnet18"
+    config.model.dtype = dtype
+    config.optimizer.name = "sgd"
+    config.optimizer.learning_rate = 0.1
+    config.optimizer.momentum = 0.9
+    config.optimizer.nesterov = True
+    config.optimizer.l2 = 1e-3
+    config.optimizer.schedule = "cosine"
+    config.optimizer.grad_clip = 5.0
+    config.batch_size = 128
+    config.num_epochs = 200
+    if smoke:
+      config.dataset.num_train = 64
+      config.dataset.num_test = 16
+      config.batch_size = 8
+  return config
+
+
+def method_config(base: ml_collections.ConfigDict,
+                  method: str) -> ml_collections.ConfigDict:
+  """``base`` with the row's overrides (and GVR's two augmented views)."""
+  config = ml_collections.ConfigDict(base.to_dict())
+  for key, value in METHODS[method][1].items():
+    target = config
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
+  if method == "gvr" and base.model.name == "mlp":
+    config.augment.noise_std = 0.1  # mnist1d signals are standardised.
+    config.augment.max_shift = 2
+  return config
+
+
+# --- The machine -------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _git_revision() -> str | None:
+  """HEAD, with "+dirty" when tracked files differ from it."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                          capture_output=True, text=True, check=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=root,
+                           capture_output=True, text=True, check=True)
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def machine() -> dict:
+  device = jax.local_devices()[0]
+  cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+           else os.cpu_count())
+  return {
+      "cpu": _cpu_model(), "cpu_cores": cores,
+      "python": platform.python_version(),
+      "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+      "backend": jax.default_backend(), "device_kind": device.device_kind,
+      "device_count": jax.device_count(), "git": _git_revision(),
+  }
+
+
+# --- Timing ------------------------------------------------------------------
+
+
+class _Runner:
+  """One method's experiment, its state threaded through donated steps."""
+
+  def __init__(self, exp, warmup: int):
+    self.step_fn = exp.step
+    self.state = exp.init()
+    self.batch = exp.train_batch(0)  # On the device once, reused every step.
+    started = time.perf_counter()
+    compiled = exp.step.lower(self.state, self.batch).compile()  # jit reuses.
+    self.compile_s = time.perf_counter() - started
+    memory = compiled.memory_analysis()
+    self.xla_memory_bytes = None if memory is None else int(
+        memory.argument_size_in_bytes + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    for _ in range(warmup + 1):
+      self.step()
+    stats = jax.local_devices()[0].memory_stats()  # None on CPU.
+    self.device_peak_bytes = (stats or {}).get("peak_bytes_in_use")
+    self.times: list[float] = []
+
+  def step(self) -> float:
+    started = time.perf_counter()
+    self.state, metrics = self.step_fn(self.state, self.batch)
+    jax.block_until_ready((self.state, metrics))
+    return time.perf_counter() - started
+
+
+def time_interleaved(runners: dict, *, repeats: int, block: int) -> None:
+  """Appends ``repeats`` step times to each runner, methods interleaved."""
+  names = list(runners)
+  for round_index in range(-(-repeats // block)):
+    shift = round_index % len(names)
+    for name in names[shift:] + names[:shift]:
+      runner = runners[name]
+      for _ in range(min(block, repeats - len(runner.times))):
+        runner.times.append(runner.step())
+
+
+# --- One model ---------------------------------------------------------------
+
+
+def bench_model(model: str, methods, *, repeats: int, warmup: int, block: int,
+                dtype: str, batch_size: int | None, smoke: bool) -> dict:
+  """Times ``methods`` on ``model``; returns its section of bench.json."""
+  base = base_config(model, dtype=dtype, smoke=smoke)
+  if batch_size:
+    base.batch_size = batch_size
+  dataset = data_lib.load(base.dataset, seed=base.seed)
+  runners, refused = {}, {}
+  for method in methods:
+    try:
+      exp = train.create_experiment(method_config(base, method), dataset)
+    except UserError as e:
+      refused[method] = str(e)
+      logging.info("%s/%s: n/a (%s)", model, method, e)
+      continue
+    runners[method] = _Runner(exp, warmup)
+    logging.info("%s/%s: compiled in %.1f s", model, method,
+                 runners[method].compile_s)
+  started = time.perf_counter()
+  time_interleaved(runners, repeats=repeats, block=block)
+  logging.info("%s: timed %d steps per method in %.1f s", model, repeats,
+               time.perf_counter() - started)
+
+  setting = {"backend": jax.default_backend(), "batch_size": base.batch_size,
+             "dtype": base.model.dtype, "smoke": smoke}
+  plain_median = (np.median(runners["plain"].times) if "plain" in runners
+                  else None)
+  rows = []
+  for method in methods:
+    row = {"method": method, "label": METHODS[method][0]}
+    if method in refused:
+      row.update(status="n/a", reason=refused[method])
+    else:
+      runner = runners[method]
+      times_ms = np.asarray(runner.times) * 1e3
+      q25, median, q75 = np.percentile(times_ms, [25, 50, 75])
+      row.update(
+          status="ok", median_ms=float(median), q25_ms=float(q25),
+          q75_ms=float(q75), examples_per_s=base.batch_size / median * 1e3,
+          ratio=(None if plain_median is None
+                 else float(median / (plain_median * 1e3))),
+          compile_s=runner.compile_s,
+          xla_memory_bytes=runner.xla_memory_bytes,
+          device_peak_bytes=runner.device_peak_bytes,
+          times_ms=[round(float(t), 4) for t in times_ms],
+      )
+    row.update(_judge(model, method, row, setting))
+    rows.append(row)
+  return {"model": model, "setting": setting, "repeats": repeats,
+          "warmup": warmup, "block": block, "rows": rows,
+          "config": base.to_dict()}
+
+
+def _judge(model: str, method: str, row: dict, setting: dict) -> dict:
+  """The row's target, and whether it was met (None: does not apply)."""
+  target = TARGETS.get((model, method))
+  if target is None:
+    return {"target": None, "met": None, "met_note": None}
+  value = row.get("examples_per_s" if target.throughput else "ratio")
+  met, note = None, None
+  wanted = {**target.setting, "smoke": False}
+  if any(setting[k] != v for k, v in wanted.items()):
+    note = "stated for " + ", ".join(f"{k}={v}"
+                                     for k, v in target.setting.items())
+  elif value is None:
+    note = row.get("reason") or "not measured"
+  else:
+    met = value >= target.bound if target.throughput else value <= target.bound
+  return {"target": (f"≥ {target.bound:,.0f} ex/s" if target.throughput
+                     else f"≤ {target.bound:g}× plain"),
+          "met": met, "met_note": note}
+
+
+# --- Reports -----------------------------------------------------------------
+
+
+def _bytes(n) -> str:
+  if n is None:
+    return "n/a"
+  return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+HEADER = ("| method | ms/step (median) | IQR (ms) | examples/s | × plain "
+          "| XLA memory | device peak | target | met? |")
+
+
+def to_markdown(results: dict) -> str:
+  m = results["machine"]
+  lines = [
+      "# Step cost", "",
+      (f"Machine: {m['cpu']}, {m['cpu_cores']} cores; backend {m['backend']}"
+       f" ({m['device_kind']} × {m['device_count']}); jax {m['jax']}, jaxlib"
+       f" {m['jaxlib']}; gnp {m['git']}."),
+      f"Command: `{results['command']}`", "",
+  ]
+  for section in results["models"]:
+    s = section["setting"]
+    lines += [
+        f"## {section['model']}, batch {s['batch_size']}"
+        + (f", {s['dtype']}" if section["model"] != "mlp" else "")
+        + (" (smoke)" if s["smoke"] else ""), "",
+        (f"{section['repeats']} timed steps per method (after"
+         f" {section['warmup']} untimed warm-up steps), interleaved in blocks"
+         f" of {section['block']}."), "",
+        HEADER,
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for row in section["rows"]:
+      target = row["target"] or ""
+      met = {True: "yes", False: "**no**", None: ""}[row["met"]]
+      if row["met"] is None and row["met_note"]:
+        met = f"— ({row['met_note']})"
+      if row["status"] != "ok":
+        lines.append(f"| {row['label']} | n/a | | | | | | {target} | {met} |")
+        continue
+      ratio = "n/a" if row["ratio"] is None else f"{row['ratio']:.2f}×"
+      lines.append(
+          f"| {row['label']} | {row['median_ms']:.3f} "
+          f"| {row['q25_ms']:.3f}–{row['q75_ms']:.3f} "
+          f"| {row['examples_per_s']:,.0f} | {ratio} "
+          f"| {_bytes(row['xla_memory_bytes'])} "
+          f"| {_bytes(row['device_peak_bytes'])} | {target} | {met} |")
+    notes = [f"{r['label']}: n/a — {r['reason']}" for r in section["rows"]
+             if r["status"] != "ok"]
+    lines += [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
+  lines += [
+      ("XLA memory: the compiled step's arguments + outputs + temporaries −"
+       " donated buffers (per method). Device peak: `peak_bytes_in_use` after"
+       " the method's warm-up, a running maximum over the process (methods"
+       " warm up in table order); n/a where the backend does not report it."),
+      "",
+  ]
+  return "\n".join(lines)
+
+
+def run(*, models=("mlp",), methods=tuple(METHODS), repeats: int = 500,
+        warmup: int = 20, block: int = 10, out: str | None = None,
+        dtype: str | None = None, batch_size: int | None = None,
+        smoke: bool = False, command: str = "") -> dict:
+  """Benchmarks ``methods`` on each model; writes bench.{json,md} to ``out``.
+
+  ``plain`` is always timed (first), since every ratio is to it.
+  """
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    raise UserError(f"unknown methods {unknown}; choose from"
+                    f" {', '.join(METHODS)}.")
+  for model in models:
+    if model not in MODELS:
+      raise UserError(f"unknown model {model!r}; choose from"
+                      f" {', '.join(MODELS)}.")
+  if min(repeats, block) < 1 or warmup < 0:
+    raise UserError("repeats and block must be ≥ 1 and warmup ≥ 0.")
+  methods = ["plain"] + [m for m in METHODS if m in methods and m != "plain"]
+  if dtype is None:
+    dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+  results = {
+      "command": command, "machine": machine(),
+      "models": [bench_model(model, methods, repeats=repeats, warmup=warmup,
+                             block=block, dtype=dtype, batch_size=batch_size,
+                             smoke=smoke) for model in models],
+  }
+  if out:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench.json"), "w") as f:
+      json.dump(results, f, indent=1)
+    with open(os.path.join(out, "bench.md"), "w") as f:
+      f.write(to_markdown(results))
+  return results
+
+
+# --- Command line ------------------------------------------------------------
+
+_MODELS = flags.DEFINE_list(
+    "models", None, f"Models to time ({', '.join(MODELS)}); default: mlp,"
+    " plus resnet18 when a GPU is present.")
+_METHODS = flags.DEFINE_list(
+    "methods", list(METHODS), "Rows to time; plain is always added.")
+_REPEATS = flags.DEFINE_integer("repeats", 500, "Timed steps per method.")
+_WARMUP = flags.DEFINE_integer(
+    "warmup", 20, "Untimed steps per method after compilation.")
+_BLOCK = flags.DEFINE_integer(
+    "block", 10, "Consecutive steps of one method before the next method.")
+_OUT = flags.DEFINE_string("out", None,
+                           "Directory for bench.json and bench.md.")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", None, ["float32", "bfloat16"], "ResNet computation dtype;"
+    " default bfloat16 on a GPU, float32 otherwise (the MLP is float32).")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", None, "Override every model's batch size (targets then do"
+    " not apply).")
+_SMOKE = flags.DEFINE_bool(
+    "smoke", False, "Tiny models, data and batches (tests); targets do not"
+    " apply. Combine with small --repeats/--warmup.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  models = _MODELS.value or (
+      ["mlp", "resnet18"] if jax.default_backend() == "gpu" else ["mlp"])
+  logging.info("Devices: %s", jax.local_devices())
+  try:
+    results = run(models=models, methods=_METHODS.value,
+                  repeats=_REPEATS.value, warmup=_WARMUP.value,
+                  block=_BLOCK.value, out=_OUT.value, dtype=_DTYPE.value,
+                  batch_size=_BATCH_SIZE.value, smoke=_SMOKE.value,
+                  command=" ".join(["python -m gnp.bench", *sys.argv[1:]]))
+  except UserError as e:
+    raise SystemExit(f"gnp.bench: error: {e}") from None
+  print(to_markdown(results))
+
+
+if __name__ == "__main__":
+  app.run(main)

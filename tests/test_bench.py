@@ -1,0 +1,152 @@
+"""The step-cost benchmark: what it writes, and that its arithmetic holds.
+
+Speed itself is never asserted (the machine is shared); these tests check
+the artefacts of a smoke run, the ratios against the medians they come from,
+the target verdicts, and that the benchmark's configs are the experiments'.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from gnp import bench
+from gnp import train
+from gnp.errors import ConfigError
+from tests.helpers import load_config
+from tests.helpers import run
+
+COLUMNS = ("| method | ms/step (median) | IQR (ms) | examples/s | × plain "
+           "| XLA memory | device peak | target | met? |")  # Spelled out.
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench")
+  # "sam" first and "plain" left out: plain is added, and rows keep the
+  # canonical order.
+  bench.run(models=("mlp",), methods=("sam",), repeats=6, warmup=1, block=2,
+            out=str(out), smoke=True, command="test")
+  return json.load(open(out / "bench.json")), open(out / "bench.md").read()
+
+
+def test_smoke_run_writes_one_row_per_method(smoke):
+  results, _ = smoke
+  assert results["command"] == "test"
+  assert {"cpu", "cpu_cores", "jax", "jaxlib", "backend",
+          "device_kind"} <= set(results["machine"])
+  (section,) = results["models"]
+  assert section["model"] == "mlp" and section["setting"]["smoke"]
+  rows = section["rows"]
+  assert [r["method"] for r in rows] == ["plain", "sam"]
+  for row in rows:
+    assert row["status"] == "ok"
+    assert len(row["times_ms"]) == 6
+    assert row["q25_ms"] <= row["median_ms"] <= row["q75_ms"]
+    assert row["median_ms"] == pytest.approx(np.median(row["times_ms"]),
+                                             rel=1e-3)
+    batch = section["setting"]["batch_size"]
+    assert row["examples_per_s"] == pytest.approx(
+        batch / row["median_ms"] * 1e3)
+
+
+def test_ratios_are_quotients_of_medians(smoke):
+  plain, sam = smoke[0]["models"][0]["rows"]
+  assert plain["ratio"] == 1.0
+  assert sam["ratio"] == pytest.approx(sam["median_ms"] / plain["median_ms"],
+                                       rel=1e-12)
+
+
+def test_targets_do_not_apply_to_a_smoke_run(smoke):
+  plain, sam = smoke[0]["models"][0]["rows"]
+  assert plain["target"] is None and plain["met"] is None
+  assert sam["target"] == "≤ 2× plain"
+  assert sam["met"] is None and sam["met_note"] == "stated for backend=cpu, batch_size=100"
+
+
+def test_markdown_has_the_columns_and_rows(smoke):
+  results, markdown = smoke
+  lines = markdown.splitlines()
+  assert COLUMNS in lines
+  table = lines[lines.index(COLUMNS) + 2:]
+  plain, sam = results["models"][0]["rows"]
+  assert table[0].startswith(f"| plain | {plain['median_ms']:.3f} |")
+  assert "| 1.00× |" in table[0]
+  assert table[1].startswith(f"| SAM | {sam['median_ms']:.3f} |")
+  assert f"| {sam['ratio']:.2f}× |" in table[1]
+  assert results["machine"]["cpu"] in markdown
+
+
+def _row(**values):
+  return {"status": "ok", "ratio": None, "examples_per_s": None, **values}
+
+
+CPU_MLP = {"backend": "cpu", "batch_size": 100, "dtype": "float32",
+           "smoke": False}
+GPU_RESNET = {"backend": "gpu", "batch_size": 128, "dtype": "bfloat16",
+              "smoke": False}
+
+
+@pytest.mark.parametrize("model, method, setting, row, met", [
+    ("mlp", "sam", CPU_MLP, _row(ratio=1.99), True),
+    ("mlp", "sam", CPU_MLP, _row(ratio=2.01), False),
+    ("mlp", "hessian", CPU_MLP, _row(ratio=4.5), True),
+    ("mlp", "gc", CPU_MLP, _row(ratio=1.2), False),
+    ("mlp", "gnvr_ghost", {**CPU_MLP, "batch_size": 50}, _row(ratio=1.0), None),
+    ("mlp", "sam", {**CPU_MLP, "backend": "gpu"}, _row(ratio=1.0), None),
+    ("resnet18", "plain", GPU_RESNET, _row(examples_per_s=31_000), True),
+    ("resnet18", "plain", GPU_RESNET, _row(examples_per_s=29_000), False),
+    ("resnet18", "plain", {**GPU_RESNET, "dtype": "float32"},
+     _row(examples_per_s=31_000), None),
+    ("resnet18", "gnp", GPU_RESNET, _row(ratio=2.05), True),
+    ("mlp", "gnp_exact", CPU_MLP, _row(ratio=9.0), None),  # No target.
+])
+def test_target_verdicts(model, method, setting, row, met):
+  assert bench._judge(model, method, row, setting)["met"] is met
+
+
+def test_a_refused_method_is_na_with_its_reason():
+  row = {"status": "n/a", "reason": "BatchNorm"}
+  verdict = bench._judge("mlp", "gnvr_ghost", row, CPU_MLP)
+  assert verdict["met"] is None and verdict["met_note"] == "BatchNorm"
+  results = {
+      "command": "c", "machine": bench.machine(),
+      "models": [{"model": "resnet18", "setting": GPU_RESNET, "repeats": 1,
+                  "warmup": 0, "block": 1,
+                  "rows": [{"method": "gnvr_vmap", "label": "GNVR (vmap)",
+                            **row, "target": None, "met": None,
+                            "met_note": None}]}],
+  }
+  markdown = bench.to_markdown(results)
+  assert "| GNVR (vmap) | n/a |" in markdown
+  assert "GNVR (vmap): n/a — BatchNorm" in markdown
+
+
+def test_gnvr_on_resnet_is_refused_before_compilation():
+  config = bench.method_config(bench.base_config("resnet18", smoke=True),
+                               "gnvr_vmap")
+  with pytest.raises(ConfigError, match="BatchNorm"):
+    train.create_experiment(config)
+
+
+def test_the_mlp_rows_are_configs_mnist1d():
+  assert bench.base_config("mlp").to_dict() == load_config("mnist1d").to_dict()
+
+
+@pytest.mark.parametrize("method", sorted(bench.METHODS))
+def test_every_row_is_a_valid_config(method):
+  for model in bench.MODELS:
+    config = bench.method_config(bench.base_config(model), method)
+    bench.config_lib.validate(config)
+
+
+def test_command_line_smoke_and_bad_method(tmp_path):
+  result = run(["-m", "gnp.bench", "--smoke", "--methods=plain",
+                "--repeats=2", "--warmup=0", f"--out={tmp_path}"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "| plain |" in result.stdout
+  assert (tmp_path / "bench.json").exists()
+  result = run(["-m", "gnp.bench", "--methods=adam", f"--out={tmp_path}"])
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      "gnp.bench: error: unknown methods ['adam']")
