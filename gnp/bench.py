@@ -256,8 +256,7 @@ def bench_model(model: str, methods, *, repeats: int, warmup: int, block: int,
 
   setting = {"backend": jax.default_backend(), "batch_size": base.batch_size,
              "dtype": base.model.dtype, "smoke": smoke}
-  plain_median = (np.median(runners["plain"].times) if "plain" in runners
-                  else None)
+  plain = runners.get("plain")
   rows = []
   for method in methods:
     row = {"method": method, "label": METHODS[method][0]}
@@ -270,13 +269,21 @@ def bench_model(model: str, methods, *, repeats: int, warmup: int, block: int,
       row.update(
           status="ok", median_ms=float(median), q25_ms=float(q25),
           q75_ms=float(q75), examples_per_s=base.batch_size / median * 1e3,
-          ratio=(None if plain_median is None
-                 else float(median / (plain_median * 1e3))),
+          ratio=None, ratio_q25=None, ratio_q75=None,
           compile_s=runner.compile_s,
           xla_memory_bytes=runner.xla_memory_bytes,
           device_peak_bytes=runner.device_peak_bytes,
           times_ms=[round(float(t), 4) for t in times_ms],
       )
+      if plain is not None:
+        row["ratio"] = float(median / (np.median(plain.times) * 1e3))
+        # The spread of the ratio: plain and this method in the same round
+        # ran seconds apart, so their quotient cancels slow load changes.
+        rounds = [np.median(runner.times[i:i + block])
+                  / np.median(plain.times[i:i + block])
+                  for i in range(0, repeats, block)]
+        row["ratio_q25"], row["ratio_q75"] = (
+            float(q) for q in np.percentile(rounds, [25, 75]))
     row.update(_judge(model, method, row, setting))
     rows.append(row)
   return {"model": model, "setting": setting, "repeats": repeats,
@@ -346,7 +353,9 @@ def to_markdown(results: dict) -> str:
       if row["status"] != "ok":
         lines.append(f"| {row['label']} | n/a | | | | | | {target} | {met} |")
         continue
-      ratio = "n/a" if row["ratio"] is None else f"{row['ratio']:.2f}×"
+      ratio = "n/a" if row["ratio"] is None else (
+          f"{row['ratio']:.2f}× "
+          f"({row['ratio_q25']:.2f}–{row['ratio_q75']:.2f})")
       lines.append(
           f"| {row['label']} | {row['median_ms']:.3f} "
           f"| {row['q25_ms']:.3f}–{row['q75_ms']:.3f} "
@@ -357,11 +366,13 @@ def to_markdown(results: dict) -> str:
              if r["status"] != "ok"]
     lines += [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
   lines += [
-      ("XLA memory: the compiled step's arguments + outputs + temporaries −"
-       " donated buffers (per method). Device peak: `peak_bytes_in_use` after"
-       " the method's warm-up, a running maximum over the process (methods"
-       " warm up in table order); n/a where the backend does not report it."),
-      "",
+      ("- × plain: the quotient of the medians; in brackets the quartiles of"
+       " the per-round quotients of block medians."),
+      ("- XLA memory: the compiled step's arguments + outputs + temporaries −"
+       " donated buffers."),
+      ("- Device peak: `peak_bytes_in_use` after the method's warm-up, a"
+       " running maximum over the process (methods warm up in table order);"
+       " n/a where the backend does not report it."), "",
   ]
   return "\n".join(lines)
 

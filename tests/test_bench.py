@@ -53,8 +53,15 @@ def test_smoke_run_writes_one_row_per_method(smoke):
 def test_ratios_are_quotients_of_medians(smoke):
   plain, sam = smoke[0]["models"][0]["rows"]
   assert plain["ratio"] == 1.0
+  assert plain["ratio_q25"] == plain["ratio_q75"] == 1.0
   assert sam["ratio"] == pytest.approx(sam["median_ms"] / plain["median_ms"],
                                        rel=1e-12)
+  # The spread: quartiles of the quotients of each round's block medians
+  # (6 steps in blocks of 2: three rounds).
+  per_round = [np.median(sam["times_ms"][i:i + 2])
+               / np.median(plain["times_ms"][i:i + 2]) for i in (0, 2, 4)]
+  assert [sam["ratio_q25"], sam["ratio_q75"]] == pytest.approx(
+      np.percentile(per_round, [25, 75]), rel=1e-3)
 
 
 def test_targets_do_not_apply_to_a_smoke_run(smoke):
@@ -71,9 +78,11 @@ def test_markdown_has_the_columns_and_rows(smoke):
   table = lines[lines.index(COLUMNS) + 2:]
   plain, sam = results["models"][0]["rows"]
   assert table[0].startswith(f"| plain | {plain['median_ms']:.3f} |")
-  assert "| 1.00× |" in table[0]
+  assert "| 1.00× (1.00–1.00) |" in table[0]
   assert table[1].startswith(f"| SAM | {sam['median_ms']:.3f} |")
-  assert f"| {sam['ratio']:.2f}× |" in table[1]
+  assert (f"| {sam['ratio']:.2f}× ({sam['ratio_q25']:.2f}–"
+          f"{sam['ratio_q75']:.2f}) |") in table[1]
+  assert len(table[1].split("|")) == len(COLUMNS.split("|"))
   assert results["machine"]["cpu"] in markdown
 
 
