@@ -2,12 +2,11 @@
 
 import json
 import os
+import subprocess
 
 import pytest
 
 from tests.helpers import ROOT
-
-import subprocess
 
 RECIPES = ["cifar100_gnp", "cifar100_sam", "cifar100_gvr", "cifar10_wrn_gnp",
            "mnist1d"]
