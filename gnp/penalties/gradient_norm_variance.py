@@ -39,6 +39,7 @@ gradient contributes no NaN.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import jax
@@ -78,7 +79,10 @@ def auto_per_example_norms(loss_fn: _base.LossFn, params, batch, key):
   """Ghost norms where the ghost path accepts the model, else vmap."""
   try:
     return ghost.per_example_norms(loss_fn, params, batch, key)
-  except ghost.UnsupportedModelError:
+  except ghost.UnsupportedModelError as e:
+    # Logged once per trace: the vmap path can cost tens of plain steps.
+    logging.getLogger(__name__).warning(
+        "GNVR: no ghost norms (%s); using per-example gradients (vmap).", e)
     return vmap_per_example_norms(loss_fn, params, batch, key)
 
 
