@@ -135,12 +135,7 @@ def method_config(base: ml_collections.ConfigDict,
                   method: str) -> ml_collections.ConfigDict:
   """``base`` with the row's overrides (and GVR's two augmented views)."""
   config = ml_collections.ConfigDict(base.to_dict())
-  for key, value in METHODS[method][1].items():
-    target = config
-    *path, last = key.split(".")
-    for part in path:
-      target = target[part]
-    target[last] = value
+  config.update_from_flattened_dict(METHODS[method][1])
   if method == "gvr" and base.model.name == "mlp":
     config.augment.noise_std = 0.1  # mnist1d signals are standardised.
     config.augment.max_shift = 2

@@ -27,12 +27,7 @@ def tiny_mnist1d(**overrides):
   config.batch_size = 50
   config.eval_batch_size = 200
   config.log_every_steps = 5
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split(".")
-    for part in path:
-      target = target[part]
-    target[last] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
