@@ -18,6 +18,23 @@ import jax.numpy as jnp
 from gnp import penalties
 
 
+# method -> (factory, traced hyper-parameters, static options), each named as
+# both the config field and the factory's argument.
+METHODS = {
+    "plain": (penalties.plain, (), ()),
+    "gnp": (penalties.gradient_norm, ("r", "alpha"),
+            ("exact", "normalize_first", "group_size")),
+    "sam": (penalties.sam, ("rho",), ("group_size",)),
+    "gnvr": (penalties.gradient_norm_variance, ("lam",), ("ddof", "method")),
+    "gvr": (penalties.view_consistency, ("alpha",), ("wrt",)),
+    "hessian": (penalties.hessian_frobenius, ("lam",), ("num_probes",)),
+}
+# What each warm-up strategy ramps. SAM has only a radius, ρ, which is also
+# its strength, so every strategy ramps it.
+_RAMPED = {"r": {"r", "rho"}, "lambda": {"alpha", "lam", "rho"},
+           "zero": {"alpha", "lam", "rho"}}
+
+
 @dataclasses.dataclass(frozen=True)
 class Regularizer:
   """The configured method: ``make(loss_fn, step)`` gives its GradientFn.
@@ -28,68 +45,49 @@ class Regularizer:
 
   method: str
   hparams: dict  # Strengths / radii by argument name.
-  options: dict  # Static arguments (exact, group_size, ddof, ...).
+  options: dict  # Static arguments (exact, group_size, views, ...).
   warmup: str
   warmup_steps: int
-  views: Callable | None = None
 
   @property
   def group_size(self) -> int | None:
     return self.options.get("group_size")
 
+  @property
+  def views(self) -> Callable | None:
+    return self.options.get("views")
+
   def values(self, step) -> dict:
     if self.warmup == "none":
       return dict(self.hparams)
-    ramp = jnp.minimum(step / self.warmup_steps, 1.0)
     if self.warmup == "zero":
       ramp = (step >= self.warmup_steps).astype(jnp.float32)
-    # "r" ramps the radius; "lambda" and "zero" the strength. SAM has only a
-    # radius, so every strategy ramps ρ.
-    ramped = {"r": ("r",), "lambda": ("alpha", "lam", "rho"),
-              "zero": ("alpha", "lam", "rho")}[self.warmup]
-    if self.method == "sam":
-      ramped = ("rho",)
+    else:
+      ramp = jnp.minimum(step / self.warmup_steps, 1.0)
+    ramped = _RAMPED[self.warmup]
     return {k: v * ramp if k in ramped else v for k, v in self.hparams.items()}
 
   def make(self, loss_fn, step) -> penalties.GradientFn:
-    kwargs = {**self.values(step), **self.options}
-    if self.method == "plain":
-      return penalties.plain(loss_fn)
-    if self.method == "gnp":
-      return penalties.gradient_norm(loss_fn, **kwargs)
-    if self.method == "sam":
-      return penalties.sam(loss_fn, **kwargs)
-    if self.method == "gnvr":
-      return penalties.gradient_norm_variance(loss_fn, **kwargs)
-    if self.method == "gvr":
-      return penalties.view_consistency(loss_fn, views=self.views, **kwargs)
-    return penalties.hessian_frobenius(loss_fn, **kwargs)
+    factory = METHODS[self.method][0]
+    return factory(loss_fn, **self.values(step), **self.options)
 
 
 def build_regularizer(config, steps_per_epoch: int, augment) -> Regularizer:
-  c = config[config.method] if config.method != "plain" else {}
-  hparams, options = {}, {}
-  if config.method == "gnp":
-    hparams = {"r": c.r, "alpha": c.alpha}
-    options = {"exact": c.exact, "normalize_first": c.normalize_first,
-               "group_size": c.group_size}
-  elif config.method == "sam":
-    hparams, options = {"rho": c.rho}, {"group_size": c.group_size}
-  elif config.method == "gnvr":
-    hparams, options = {"lam": c.lam}, {"ddof": c.ddof, "method": c.method}
-  elif config.method == "gvr":
-    hparams, options = {"alpha": c.alpha}, {"wrt": c.wrt}
-  elif config.method == "hessian":
-    hparams, options = {"lam": c.lam}, {"num_probes": c.num_probes}
+  _, hparam_names, option_names = METHODS[config.method]
+  section = config.get(config.method, {})
+  options = {name: section[name] for name in option_names}
+  if config.method == "gvr":
 
-  def views(batch, key):
-    x, y = batch
-    first, second = jax.random.split(key)
-    return (augment(first, x), y), (augment(second, x), y)
+    def views(batch, key):
+      x, y = batch
+      first, second = jax.random.split(key)
+      return (augment(first, x), y), (augment(second, x), y)
 
+    options["views"] = views
   return Regularizer(
-      method=config.method, hparams=hparams, options=options,
+      method=config.method,
+      hparams={name: section[name] for name in hparam_names},
+      options=options,
       warmup=config.regularizer_warmup,
       warmup_steps=max(round(config.optimizer.warmup_epochs * steps_per_epoch), 1),
-      views=views if config.method == "gvr" else None,
   )
