@@ -11,6 +11,7 @@ with one line that names the key.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 
 import ml_collections
@@ -187,9 +188,14 @@ def _positive_int(name: str, value, *, allow_none=False):
   _check(ok, f"{name} must be a positive integer, got {name}={value!r}.")
 
 
+@functools.cache
+def _known_keys() -> tuple[str, ...]:
+  return tuple(_flatten(default_config()))
+
+
 def check_key(key: str) -> None:
   """Raises `ConfigError` if ``key`` ("a.b") is not a config key."""
-  known = _flatten(default_config())
+  known = _known_keys()
   sections = {k.rsplit(".", 1)[0] for k in known if "." in k}
   if key not in known and key not in sections:
     close = difflib.get_close_matches(key, known, n=1)
@@ -205,7 +211,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
   device count and the m-sharpness group. The dataset checks its own fields
   (sizes, label noise) when it loads, still before compilation.
   """
-  known = _flatten(default_config())
+  known = _known_keys()
   given = _flatten(config)
   for key in given:
     check_key(key)

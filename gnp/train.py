@@ -98,7 +98,7 @@ def make_loss_fn(model, batch_stats, *, l2: float) -> Callable:
     losses = cross_entropy
     if l2:
       kernels = [w for w in jax.tree.leaves(params) if w.ndim > 1]
-      losses = losses + 0.5 * l2 * sum(jnp.sum(jnp.square(w)) for w in kernels)
+      losses = losses + 0.5 * l2 * otu.tree_norm(kernels, squared=True)
     aux = {
         "cross_entropy": cross_entropy,
         "correct": (jnp.argmax(logits, -1) == y).astype(jnp.float32),
