@@ -36,6 +36,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Data. Which fields matter depends on the dataset's name.
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "mnist1d"
+  # Fixes the data (mnist1d generation, validation split, noisy labels)
+  # apart from ``seed``; None = ``seed``. Studies fix it so that every trial
+  # and seed sees the same data.
+  c.dataset.seed = config_dict.placeholder(int)
   c.dataset.validation_size = 0  # Examples held out of train for validation.
   c.dataset.num_samples = 5000  # mnist1d: train + test (80% / 20%).
   c.dataset.label_noise = 0.0  # Fraction of training labels randomised.

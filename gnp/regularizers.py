@@ -57,19 +57,22 @@ class Regularizer:
   def views(self) -> Callable | None:
     return self.options.get("views")
 
-  def values(self, step) -> dict:
+  def values(self, step, hparams=None) -> dict:
+    """The strengths at ``step``: ``hparams`` (default: the config's), ramped."""
+    hparams = self.hparams if hparams is None else hparams
     if self.warmup == "none":
-      return dict(self.hparams)
+      return dict(hparams)
     if self.warmup == "zero":
       ramp = (step >= self.warmup_steps).astype(jnp.float32)
     else:
       ramp = jnp.minimum(step / self.warmup_steps, 1.0)
     ramped = _RAMPED[self.warmup]
-    return {k: v * ramp if k in ramped else v for k, v in self.hparams.items()}
+    return {k: v * ramp if k in ramped else v for k, v in hparams.items()}
 
-  def make(self, loss_fn, step) -> penalties.GradientFn:
+  def make(self, loss_fn, step, hparams=None) -> penalties.GradientFn:
+    """The GradientFn at ``step``, with ``hparams`` (traced) if given."""
     factory = METHODS[self.method][0]
-    return factory(loss_fn, **self.values(step), **self.options)
+    return factory(loss_fn, **self.values(step, hparams), **self.options)
 
 
 def build_regularizer(config, steps_per_epoch: int, augment) -> Regularizer:

@@ -52,6 +52,36 @@ class TrainState(flax.struct.PyTreeNode):
   batch_stats: Any  # {} for models without batch normalisation.
   opt_state: Any
   rng: jax.Array  # The run's base key (raw uint32[2]); per-step keys fold in.
+  # float32 scalars by section and name, as `hyperparameters` gives them: the
+  # step reads the learning rate, weight decay and the method's strengths
+  # from here, so states differing only in these share one compiled step and
+  # can be stacked and vmapped (`gnp.population`).
+  hparams: Any
+
+
+def hyperparameters(config: ml_collections.ConfigDict) -> dict:
+  """The config's traced hyper-parameters: ``{section: {name: float32}}``.
+
+  The learning rate, weight decay and L2 coefficient, and the method's
+  strengths and radii (`gnp.regularizers.METHODS`). Every other key shapes
+  the compiled step. Whether weight decay and L2 are applied at all is
+  decided by the config (nonzero or not), not by the traced value.
+  """
+  opt = config.optimizer
+  values = {"optimizer": {name: opt[name] for name in
+                          ("learning_rate", "weight_decay", "l2")}}
+  names = regularizers.METHODS[config.method][1]
+  if names:
+    values[config.method] = {name: config[config.method][name]
+                             for name in names}
+  return jax.tree.map(lambda v: np.float32(v), values)
+
+
+def hyperparameter_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The dotted config keys of `hyperparameters`, e.g. ``gnvr.lam``."""
+  return tuple(f"{section}.{name}"
+               for section, names in hyperparameters(config).items()
+               for name in names)
 
 
 # --- Building blocks -------------------------------------------------------
@@ -73,8 +103,11 @@ def build_model(config: ml_collections.ConfigDict, dataset) -> Any:
   return models.create(m.name, **kwargs)
 
 
-def make_loss_fn(model, batch_stats, *, l2: float) -> Callable:
+def make_loss_fn(model, batch_stats, *, l2=None) -> Callable:
   """``loss_fn(params, (x, y), key) -> (per-example losses, aux)``.
+
+  ``l2`` (a float or a traced array; None = no term) adds
+  ``0.5 * l2 * ‖kernels‖²`` to every example's loss.
 
   Models with batch normalisation run in training mode and return their new
   statistics in ``aux``; the regularisers take ``aux`` from the unperturbed
@@ -96,7 +129,7 @@ def make_loss_fn(model, batch_stats, *, l2: float) -> Callable:
     logits = logits.astype(jnp.float32)
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     losses = cross_entropy
-    if l2:
+    if l2 is not None:
       kernels = [w for w in jax.tree.leaves(params) if w.ndim > 1]
       losses = losses + 0.5 * l2 * otu.tree_norm(kernels, squared=True)
     aux = {
@@ -112,17 +145,27 @@ def make_loss_fn(model, batch_stats, *, l2: float) -> Callable:
 # --- The step --------------------------------------------------------------
 
 
-def train_step(state: TrainState, batch, *, model, tx, schedule, regularizer,
-               preprocess, augment, l2):
-  """One update of ``state`` on a global batch; returns (state, metrics)."""
+def train_step(state: TrainState, batch, *, model, make_tx, unit_schedule,
+               regularizer, preprocess, augment, use_l2):
+  """One update of ``state`` on a global batch; returns (state, metrics).
+
+  ``make_tx(schedule, weight_decay)`` builds the optax chain and
+  ``unit_schedule`` is the learning-rate schedule for a peak of 1: both are
+  completed with the hyper-parameters in ``state.hparams``.
+  """
+  hparams = state.hparams["optimizer"]
+  schedule = lambda count: hparams["learning_rate"] * unit_schedule(count)
+  tx = make_tx(schedule, hparams["weight_decay"])
   key = jax.random.fold_in(state.rng, state.step)
   augment_key, loss_key = jax.random.split(key)
   x, y = batch
   x = preprocess(x)
   if regularizer.views is None:  # GVR augments its own two views.
     x = augment(augment_key, x)
-  loss_fn = make_loss_fn(model, state.batch_stats, l2=l2)
-  grad_fn = regularizer.make(loss_fn, state.step)
+  loss_fn = make_loss_fn(model, state.batch_stats,
+                         l2=hparams["l2"] if use_l2 else None)
+  grad_fn = regularizer.make(loss_fn, state.step,
+                             state.hparams.get(regularizer.method, {}))
   (objective, aux), grads, stats = grad_fn.with_stats(
       state.params, (x, y), loss_key
   )
@@ -256,6 +299,11 @@ class Experiment:
             "accuracy": float(totals["correct"] / totals["count"])}
 
 
+def data_seed(config: ml_collections.ConfigDict) -> int:
+  """The seed that fixes the data: ``dataset.seed``, else ``seed``."""
+  return config.seed if config.dataset.seed is None else config.dataset.seed
+
+
 def create_experiment(config: ml_collections.ConfigDict,
                       dataset=None) -> Experiment:
   """Validates ``config``, loads the data (unless given) and builds the step.
@@ -265,13 +313,15 @@ def create_experiment(config: ml_collections.ConfigDict,
   """
   config_lib.validate(config, num_devices=jax.device_count())
   if dataset is None:
-    dataset = data_lib.load(config.dataset, seed=config.seed)
+    dataset = data_lib.load(config.dataset, seed=data_seed(config))
   steps_per_epoch = pipeline.steps_per_epoch(len(dataset.train[0]),
                                              config.batch_size)
   model = build_model(config, dataset)
-  schedule = optim.learning_rate_schedule(config.optimizer, steps_per_epoch,
-                                    config.num_epochs * steps_per_epoch)
-  tx = optim.build_optimizer(config.optimizer, schedule)
+  unit_schedule = optim.learning_rate_schedule(
+      config.optimizer, steps_per_epoch, config.num_epochs * steps_per_epoch,
+      peak=1.0)
+  make_tx = functools.partial(optim.build_optimizer, config.optimizer)
+  hparams = hyperparameters(config)
   augment = augment_lib.make_augment(config.augment)
   regularizer = regularizers.build_regularizer(config, steps_per_epoch, augment)
 
@@ -279,9 +329,11 @@ def create_experiment(config: ml_collections.ConfigDict,
     sample = jnp.zeros((1, *dataset.input_shape), jnp.float32)
     variables = model.init({"params": rng, "dropout": rng}, sample, train=False)
     params = variables["params"]
+    tx = make_tx(optax.constant_schedule(0.0), 0.0)  # The state's structure.
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params), rng=rng)
+                      opt_state=tx.init(params), rng=rng,
+                      hparams=jax.tree.map(jnp.asarray, hparams))
 
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
@@ -296,9 +348,9 @@ def create_experiment(config: ml_collections.ConfigDict,
   replicated = NamedSharding(mesh, P())
   split = NamedSharding(mesh, P("data"))
   state_sharding = jax.tree.map(lambda _: replicated, abstract)
-  step_args = dict(model=model, tx=tx, schedule=schedule,
+  step_args = dict(model=model, make_tx=make_tx, unit_schedule=unit_schedule,
                    regularizer=regularizer, preprocess=dataset.preprocess,
-                   augment=augment, l2=config.optimizer.l2)
+                   augment=augment, use_l2=bool(config.optimizer.l2))
   step_fn = jax.jit(
       functools.partial(train_step, **step_args),
       in_shardings=(state_sharding, split),
