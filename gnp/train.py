@@ -258,6 +258,9 @@ class Experiment:
   mesh: jax.sharding.Mesh
   abstract_state: TrainState
   init: Callable[[], TrainState]
+  # (rng, hparams) -> TrainState, pure: the state of another seed or
+  # hyper-parameter setting of the same compiled step (`gnp.population`).
+  init_state: Callable
   step: Callable  # (state, (x, y)) -> (state, metrics)
   # (state, train_data, epoch_indices) -> (state, metrics): what the loop runs.
   step_on_device_data: Callable
@@ -325,7 +328,7 @@ def create_experiment(config: ml_collections.ConfigDict,
   augment = augment_lib.make_augment(config.augment)
   regularizer = regularizers.build_regularizer(config, steps_per_epoch, augment)
 
-  def init(rng):
+  def init(rng, hparams=hparams):
     sample = jnp.zeros((1, *dataset.input_shape), jnp.float32)
     variables = model.init({"params": rng, "dropout": rng}, sample, train=False)
     params = variables["params"]
@@ -374,6 +377,7 @@ def create_experiment(config: ml_collections.ConfigDict,
       total_steps=config.num_steps or config.num_epochs * steps_per_epoch,
       mesh=mesh, abstract_state=abstract,
       init=lambda: jax.jit(init, out_shardings=state_sharding)(rng),
+      init_state=init,
       step=step_fn, step_on_device_data=step_on_device_data, eval=eval_fn,
   )
 
