@@ -1,0 +1,290 @@
+"""Turns a study's results into a table and learning curves.
+
+``python -m gnp.report --workdir=DIR`` reads ``DIR/results.json`` and writes
+``DIR/table.md`` (one row per arm: final metrics as mean ± std over seeds,
+the tuned hyper-parameters, and the test-accuracy difference to the first
+arm, paired by seed, with a 95% t interval) and ``DIR/curves.png`` (training
+loss and validation accuracy per epoch, mean ± std band per arm). A missing
+or malformed ``results.json`` exits with status 1 and one line saying why.
+
+The same is importable: `write(results, workdir)`, `table(results)`,
+`plot(results, path)`, and `summarize(results)` for the numbers themselves.
+"""
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+from absl import app
+from absl import flags
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from scipy import stats
+
+from gnp.errors import UserError
+
+# History keys summarised per arm, in table order.
+METRICS = ("test/accuracy", "validation/accuracy", "validation/loss",
+           "train/cross_entropy", "test/loss")
+# The paired comparison against the first arm is on this metric.
+PAIRED_METRIC = "test/accuracy"
+_SHORT_NAMES = {"learning_rate": "lr", "weight_decay": "wd", "lam": "λ",
+                "rho": "ρ", "alpha": "α", "noise_std": "σ"}
+_DASH = "—"
+
+
+def _check(results):
+  """Raises UserError naming the first part of `results` that is malformed."""
+  arms = results.get("arms") if isinstance(results, dict) else None
+  if not isinstance(arms, list) or not arms:
+    raise UserError("results has no 'arms' (a non-empty list)")
+  wall = results.get("wall_time_s") or {}
+  if not isinstance(wall, dict) or not all(
+      isinstance(v, (int, float)) for v in wall.values()):
+    raise UserError("'wall_time_s' must map names to seconds")
+  for i, arm in enumerate(arms):
+    if not isinstance(arm, dict) or "name" not in arm:
+      raise UserError(f"arms[{i}] has no 'name'")
+    seeds = arm.get("seeds", [])
+    if not (isinstance(seeds, list) and all(
+        isinstance(s, dict) and "seed" in s
+        and isinstance(s.get("history"), dict)
+        and all(isinstance(v, list) for v in s["history"].values())
+        for s in seeds) and isinstance(arm.get("best_params") or {}, dict)
+            and all(isinstance(t, dict) for t in arm.get("trials", []))
+            and isinstance(arm.get("best_value", 0) or 0, (int, float))):
+      raise UserError(f"arm {arm['name']!r}: each seed needs 'seed' and a"
+                      " 'history' of lists; 'trials' and 'best_params' hold"
+                      " objects; 'best_value' is a number or null")
+    values = [s["seed"] for s in seeds]
+    if len(set(values)) != len(values):
+      raise UserError(f"arm {arm['name']!r} repeats a seed: {values}")
+
+
+def _finals(arm, key):
+  """{seed: last epoch's value of `key`} over the seeds that logged it."""
+  finals = {}
+  for seed in arm.get("seeds", []):
+    history = seed["history"].get(key)
+    if history:
+      finals[seed["seed"]] = math.nan if history[-1] is None else float(
+          history[-1])
+  return finals
+
+
+def _mean_std(values):
+  values = np.asarray(values, dtype=np.float64)
+  return {"values": values.tolist(),
+          "mean": float(values.mean()) if values.size else None,
+          "std": float(values.std(ddof=1)) if values.size > 1 else None}
+
+
+def _paired(arm, reference):
+  """Per-seed differences arm − reference on the seeds both have."""
+  mine = _finals(arm, PAIRED_METRIC)
+  theirs = _finals(reference, PAIRED_METRIC)
+  common = sorted(set(mine) & set(theirs))
+  diffs = np.array([mine[k] - theirs[k] for k in common], dtype=np.float64)
+  n = len(common)
+  out = {"metric": PAIRED_METRIC, "seeds": common, "n": n,
+         "unpaired_seeds": sorted(set(mine) ^ set(theirs)),
+         "mean": float(diffs.mean()) if n else None,
+         "half_width": None, "low": None, "high": None}
+  if n >= 2:  # One difference says nothing about its own spread.
+    half = float(stats.t.ppf(0.975, n - 1) * diffs.std(ddof=1) / math.sqrt(n))
+    out.update(half_width=half, low=out["mean"] - half,
+               high=out["mean"] + half)
+  return out
+
+
+def summarize(results):
+  """Per-arm numbers behind the table, in arm order.
+
+  Returns one dict per arm with ``name``, ``description``, ``seeds`` (sorted
+  seed values), ``num_seeds``, ``missing_seeds`` (seeds other arms have and
+  this one lacks), ``metrics`` ({key in METRICS: {"values", "mean", "std"}},
+  final-epoch values as fractions; mean None without values, std None with
+  fewer than two), ``best_params``, ``best_value``, ``trials_complete``,
+  ``trials_failed`` and ``paired``: None for the first arm, otherwise
+  {"metric", "seeds", "n", "unpaired_seeds", "mean", "half_width", "low",
+  "high"} for arm − first arm on common seeds (t interval None if n < 2).
+  """
+  _check(results)
+  arms = results["arms"]
+  all_seeds = {s["seed"] for arm in arms for s in arm.get("seeds", [])}
+  rows = []
+  for i, arm in enumerate(arms):
+    seeds = sorted(s["seed"] for s in arm.get("seeds", []))
+    states = [t.get("state") for t in arm.get("trials", [])]
+    rows.append({
+        "name": str(arm["name"]), "description": arm.get("description", ""),
+        "seeds": seeds, "num_seeds": len(seeds),
+        "missing_seeds": sorted(all_seeds - set(seeds)),
+        "metrics": {key: _mean_std(list(_finals(arm, key).values()))
+                    for key in METRICS},
+        "best_params": dict(arm.get("best_params") or {}),
+        "best_value": arm.get("best_value"),
+        "trials_complete": states.count("COMPLETE"),
+        "trials_failed": states.count("FAIL"),
+        "paired": None if i == 0 else _paired(arm, arms[0]),
+    })
+  return rows
+
+
+def _pm(stat, scale=1.0, digits=4):
+  if stat["mean"] is None:
+    return _DASH
+  std = _DASH if stat["std"] is None else f"{stat['std'] * scale:.{digits}f}"
+  return f"{stat['mean'] * scale:.{digits}f} ± {std}"
+
+
+def format_params(params):
+  """`{"optimizer.learning_rate": 0.0012}` → ``lr 1.2e-03``."""
+  if not params:
+    return _DASH
+  last = [key.rsplit(".", 1)[-1] for key in params]
+  parts = []
+  for key, short, value in zip(params, last, params.values()):
+    # A last component shared by two keys is ambiguous; keep the full key.
+    name = key if last.count(short) > 1 else _SHORT_NAMES.get(short, short)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      value = f"{value:.1e}"
+    parts.append(f"{name} {value}")
+  return ", ".join(parts)
+
+
+def _paired_cell(paired):
+  if paired is None:
+    return "reference"
+  if paired["mean"] is None:
+    return f"{_DASH} (no common seeds)"
+  ci = _DASH if paired["low"] is None else (
+      f"[{paired['low'] * 100:+.2f}, {paired['high'] * 100:+.2f}]")
+  return f"{paired['mean'] * 100:+.2f} {ci} (n={paired['n']})"
+
+
+def _cell(text):
+  return str(text).replace("|", r"\|").replace("\n", " ")
+
+
+def table(results):
+  """The GitHub-markdown table of `summarize(results)`, with a footer line."""
+  rows = summarize(results)
+  header = ["Arm", "Test acc. (%)", "Val. acc. (%)", "Val. loss",
+            "Train loss", "Test loss", "Seeds", "Best hyper-parameters",
+            f"Δ test acc. vs {rows[0]['name']} (pp, 95% CI)"]
+  lines = [f"# Study: {_cell(results.get('study', ''))}", "",
+           "| " + " | ".join(_cell(h) for h in header) + " |",
+           "|" + "|".join("---" for _ in header) + "|"]
+  for row in rows:
+    m = row["metrics"]
+    seeds = str(row["num_seeds"])
+    if row["missing_seeds"]:
+      missing = row["missing_seeds"]
+      seeds += f" (lacks seed{'s' * (len(missing) > 1)}"
+      seeds += f" {', '.join(map(str, missing))})"
+    cells = [row["name"], _pm(m["test/accuracy"], 100, 2),
+             _pm(m["validation/accuracy"], 100, 2), _pm(m["validation/loss"]),
+             _pm(m["train/cross_entropy"]), _pm(m["test/loss"]), seeds,
+             format_params(row["best_params"]), _paired_cell(row["paired"])]
+    lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+  objective = results.get("objective") or {}
+  trials = ", ".join(
+      f"{r['name']} {r['trials_complete']}/{r['trials_failed']}"
+      + ("" if r["best_value"] is None else f" (best {r['best_value']:.4f})")
+      for r in rows)
+  footer = (f"Objective: {objective.get('metric', '?')}"
+            f" ({objective.get('direction', '?')}). Trials completed/failed:"
+            f" {trials}.")
+  wall = results.get("wall_time_s") or {}
+  if wall:
+    footer += " Wall time: " + ", ".join(
+        f"{k} {float(v):.1f} s" for k, v in wall.items()) + "."
+  lines += ["", "Mean ± sample std over seeds of the last epoch; accuracies"
+            " in percent, differences in percentage points.", "",
+            _cell(footer)]
+  described = [r for r in rows if r["description"]]
+  if described:
+    lines += [""] + [f"- {r['name']}: {r['description']}" for r in described]
+  return "\n".join(lines) + "\n"
+
+
+def _curve(arm, key):
+  """Epochs, mean and std over seeds, cut to the shortest seed's history."""
+  histories = [s["history"] for s in arm.get("seeds", [])
+               if s["history"].get(key)]
+  if not histories:
+    return None
+  length = min(len(h[key]) for h in histories)
+  values = np.array([[math.nan if v is None else v for v in h[key][:length]]
+                     for h in histories], dtype=np.float64)
+  epochs = histories[0].get("epoch", list(range(1, length + 1)))[:length]
+  std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(length)
+  return np.asarray(epochs), values.mean(axis=0), std
+
+
+def plot(results, path):
+  """Writes training loss and validation (or test) accuracy per epoch."""
+  _check(results)
+  arms = results["arms"]
+  has_validation = all(s["history"].get("validation/accuracy")
+                       for arm in arms for s in arm.get("seeds", []))
+  accuracy = "validation/accuracy" if has_validation else "test/accuracy"
+  panels = [("train/cross_entropy", 1.0, "Training loss", "cross-entropy"),
+            (accuracy, 100.0, "Validation accuracy" if has_validation else
+             "Test accuracy (no validation split)", "accuracy (%)")]
+  fig = Figure(figsize=(10, 4), dpi=120)  # No pyplot: no global state.
+  axes = fig.subplots(1, 2)
+  for ax, (key, scale, title, ylabel) in zip(axes, panels):
+    for i, arm in enumerate(arms):
+      curve = _curve(arm, key)
+      if curve is None:
+        continue
+      epochs, mean, std = curve
+      color = f"C{i % 10}"
+      ax.plot(epochs, mean * scale, color=color, label=str(arm["name"]))
+      ax.fill_between(epochs, (mean - std) * scale, (mean + std) * scale,
+                      color=color, alpha=0.2, linewidth=0)
+    ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend()
+  fig.suptitle(f"Study: {results.get('study', '')} (mean ± std over seeds)")
+  fig.tight_layout()
+  # No "Software" entry, so the same results give the same bytes.
+  fig.savefig(path, format="png", metadata={"Software": None})
+
+
+def write(results, workdir):
+  """Writes ``workdir/table.md`` and ``workdir/curves.png``."""
+  text = table(results)  # Checks the schema before anything is written.
+  with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:
+    f.write(text)
+  plot(results, os.path.join(workdir, "curves.png"))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  workdir = flags.FLAGS.workdir
+  path = os.path.join(workdir, "results.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      results = json.load(f)
+    write(results, workdir)
+  except (OSError, ValueError, UserError) as e:
+    # KeyError/TypeError would be bugs here: _check vouches for the schema.
+    message = e.strerror if isinstance(e, OSError) and e.strerror else e
+    sys.exit(f"gnp.report: error: {path}: {message}")
+
+
+if __name__ == "__main__":
+  # Defined here, not on import: a study importing this module defines its
+  # own --workdir, and absl refuses a flag defined twice.
+  flags.DEFINE_string(
+      "workdir", None, "Directory holding results.json; table.md and"
+      " curves.png are written next to it.", required=True)
+  app.run(main)
