@@ -7,14 +7,29 @@ back. The state holds the step, the parameters, the batch statistics, the
 optimiser state and the run's base PRNG key; the data order and every
 per-step key are functions of (seed, step), so nothing else is needed to
 resume exactly.
+
+A workdir belongs to one config (``WORKDIR/config.json``): `check_workdir`
+refuses a run whose config differs from the stored one in anything but
+`gnp.config.RESUMABLE_KEYS`, so a checkpoint is never resumed by another run.
+`SignalFlag` turns SIGTERM and SIGINT into a request the loop answers by
+saving at the end of the current step.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import threading
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from gnp import config as config_lib
+from gnp.errors import UserError
 
 
 class Checkpointer:
@@ -41,9 +56,17 @@ class Checkpointer:
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     return self._manager.restore(step, args=ocp.args.StandardRestore(target))
 
+  def due(self, step: int) -> bool:
+    """Whether `maybe_save` saves at ``step`` unless forced."""
+    return step % self._every == 0
+
   def maybe_save(self, step: int, state, *, force: bool = False) -> bool:
-    """Saves (asynchronously) at multiples of ``every``, or when forced."""
-    if not force and step % self._every:
+    """Saves (asynchronously) at multiples of ``every``, or when forced.
+
+    The caller makes sure ``state`` is finite (`gnp.train` checks its
+    ``nonfinite_step`` first): a checkpoint is only ever a good state.
+    """
+    if not force and not self.due(step):
       return False
     if step in self._manager.all_steps():
       return False
@@ -57,6 +80,86 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Raises `UserError` unless a run of ``config`` may use ``workdir``.
+
+  The workdir (or the directory it would be created in) must be writable,
+  and a config it already holds must equal ``config`` up to
+  `gnp.config.RESUMABLE_KEYS`. Writes nothing.
+  """
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):  # The nearest directory that exists.
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise UserError(f"cannot create workdir {workdir}: {path} is a file.")
+  # os.access, not a probe file: a failed run must leave nothing behind.
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise UserError(f"workdir {workdir} is not writable ({path} is"
+                    " read-only to this user).")
+  stored_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(stored_path):
+    return
+  with open(stored_path) as f:
+    stored = config_lib.flatten(json.load(f))
+  current = config_lib.flatten(json.loads(config.to_json_best_effort()))
+  changed = sorted(k for k in set(stored) | set(current)
+                   if stored.get(k) != current.get(k)
+                   and k not in config_lib.RESUMABLE_KEYS)
+  if changed:
+    shown = ", ".join(f"{k}={stored.get(k)!r} there, {current.get(k)!r} here"
+                      for k in changed[:3])
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    raise UserError(
+        f"workdir {workdir} holds a run of a different config ({shown}{more});"
+        " use a new --workdir, or the same config to resume (only"
+        f" {', '.join(config_lib.RESUMABLE_KEYS)} may change).")
+
+
+class SignalFlag:
+  """Records SIGTERM / SIGINT instead of dying; `received` says which.
+
+  With several processes, SIGTERM is JAX's preemption notice (it reaches one
+  process and the coordinator tells the others); `preempted(step)` then says
+  at which step all processes save together. A second signal stops at once.
+  """
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    # Python signal handlers can only be set from the main thread; with
+    # several processes SIGTERM belongs to JAX's preemption service.
+    if (threading.current_thread() is threading.main_thread()
+        and jax.process_count() == 1):
+      self._previous = {s: signal.signal(s, self._handle) for s in self._SIGNALS}
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None:
+      raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+    self.received = signum
+    logging.warning("%s received: saving a checkpoint after this step.",
+                    signal.Signals(signum).name)
+
+  def preempted(self, step: int) -> bool:
+    """Whether to save and stop after ``step`` (call it at every step)."""
+    if jax.process_count() > 1:
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.received = self.received or signal.SIGTERM
+        return True
+      return False
+    return self.received is not None
 
 
 def load(workdir: str, step: int | None = None):

@@ -120,7 +120,24 @@ def default_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 2
+  # A NaN or Inf in the loss or the update: "stop" ends the run with the step
+  # and the quantity, keeping the last good checkpoint; "skip" leaves the
+  # state as it was, moves on to the next batch and counts the step in
+  # train/skipped.
+  c.on_nonfinite = "stop"
   return c
+
+
+# Keys a run may change when it resumes from its workdir: how long it trains
+# (with a decaying schedule, num_epochs also stretches the schedule), how
+# often it logs, evaluates and saves, where the data is, and what a
+# non-finite step does. Any other change would continue one run's checkpoint
+# as another's, so `gnp.checkpoints.check_workdir` refuses it.
+RESUMABLE_KEYS = (
+    "num_epochs", "num_steps", "eval_batch_size", "eval_every_epochs",
+    "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+    "on_nonfinite", "dataset.data_dir", "dataset.download",
+)
 
 
 _IMAGE_DATASETS = {"cifar10": ((32, 32, 3), 10), "cifar100": ((32, 32, 3), 100)}
@@ -151,15 +168,19 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-def _flatten(config, prefix="") -> dict:
+def flatten(config, prefix="") -> dict:
+  """``{"a.b": value}`` from a ConfigDict or a nested dict."""
   out = {}
   for key, value in config.items():
     name = prefix + key
     if isinstance(value, (ml_collections.ConfigDict, dict)):
-      out.update(_flatten(value, name + "."))
+      out.update(flatten(value, name + "."))
     else:
       out[name] = value
   return out
+
+
+_flatten = flatten  # Its earlier private name; other modules still call it.
 
 
 def _fail(message: str):
@@ -194,7 +215,7 @@ def _positive_int(name: str, value, *, allow_none=False):
 
 @functools.cache
 def _known_keys() -> tuple[str, ...]:
-  return tuple(_flatten(default_config()))
+  return tuple(flatten(default_config()))
 
 
 def check_key(key: str) -> None:
@@ -216,7 +237,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
   (sizes, label noise) when it loads, still before compilation.
   """
   known = _known_keys()
-  given = _flatten(config)
+  given = flatten(config)
   for key in given:
     check_key(key)
   for key in known:
@@ -230,6 +251,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
   _one_of("optimizer.schedule", config.optimizer.schedule, SCHEDULES)
   _one_of("regularizer_warmup", config.regularizer_warmup, WARMUP_STRATEGIES)
   _one_of("gnvr.method", config.gnvr.method, ("auto", "ghost", "vmap"))
+  _one_of("on_nonfinite", config.on_nonfinite, ("stop", "skip"))
 
   opt = config.optimizer
   for name in ("learning_rate", "weight_decay", "l2", "momentum",

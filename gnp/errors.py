@@ -16,3 +16,19 @@ class ConfigError(UserError, ValueError):
 
 class DatasetUnavailableError(UserError, RuntimeError):
   """A dataset that is neither on disk nor downloadable from here."""
+
+
+class NonFiniteError(FloatingPointError):
+  """A NaN or Inf in the loss or the update stopped the run.
+
+  Not a `UserError`: the input may be valid and the run diverged. The
+  message names the step and the quantity; no checkpoint holds the state.
+  """
+
+
+class Preempted(Exception):
+  """SIGTERM or SIGINT stopped the run after it saved a checkpoint."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum

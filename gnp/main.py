@@ -3,10 +3,13 @@
 This file is intentionally kept short: it parses flags, reports the devices
 and hands over to `gnp.train.train_and_evaluate`, where all logic lives.
 Override any config value with ``--config.section.key=value``. A mistake in
-the input exits with status 1 and one line saying what is wrong.
+the input exits with status 1 and one line saying what is wrong; so does a
+NaN or Inf in training (status 3). SIGTERM or SIGINT saves a checkpoint and
+exits with 128 + the signal's number; the same command resumes.
 """
 
 import logging as std_logging
+import shlex
 import sys
 
 import jax
@@ -17,14 +20,26 @@ from ml_collections import config_flags
 
 from gnp import config as config_lib
 from gnp import train
+from gnp.errors import NonFiniteError
+from gnp.errors import Preempted
 from gnp.errors import UserError
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and the summary; a"
     " run resumes from the checkpoint it holds.", required=True)
 _MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Call jax.distributed.initialize() first (TPU pods,"
-    " SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).")
+    "multihost", False, "Call jax.distributed.initialize() first. On TPU pods"
+    " and SLURM it finds its peers; elsewhere give --coordinator_address,"
+    " --num_processes and --process_id.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "--multihost: host:port of process 0"
+    " (default: detected, or $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "--multihost: how many processes (default:"
+    " detected).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "--multihost: this process's index (default:"
+    " detected).")
 config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:variant]).",
     lock_config=True)
@@ -63,14 +78,20 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if _MULTIHOST.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)
   logging.info("JAX process %d of %d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
   try:
     train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
-  except UserError as e:
+  except (UserError, NonFiniteError, Preempted) as e:
     logging.flush()
-    sys.exit(f"gnp: error: {e}")
+    if isinstance(e, Preempted):
+      command = shlex.join(["python", "-m", "gnp.main", *sys.argv[1:]])
+      print(f"gnp: stopped: {e} ({command})", file=sys.stderr)
+      sys.exit(128 + e.signum)
+    print(f"gnp: error: {e}", file=sys.stderr)
+    sys.exit(3 if isinstance(e, NonFiniteError) else 1)
 
 
 if __name__ == "__main__":

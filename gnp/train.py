@@ -11,6 +11,12 @@ device count only through rounding — except for m-sharpness, where
 Per-step randomness is ``fold_in(state.rng, step)`` and the data order a
 function of (seed, epoch), so a run resumed from a checkpoint continues the
 same data order and random stream as an uninterrupted one.
+
+Faults never cost a host round trip per step: the step itself refuses a
+non-finite update and records it in the state, and the loop reads that record
+only where it syncs anyway (log, evaluation and checkpoint steps), before
+anything is saved. SIGTERM / SIGINT set a flag the loop reads between steps;
+it saves and raises `gnp.errors.Preempted`.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import time
 from typing import Any, Callable
 
@@ -33,6 +40,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from optax import tree_utils as otu
 
+from gnp import checkpoints
 from gnp import config as config_lib
 from gnp import data as data_lib
 from gnp import models
@@ -42,6 +50,8 @@ from gnp.checkpoints import Checkpointer
 from gnp.data import augment as augment_lib
 from gnp.data import pipeline
 from gnp.errors import ConfigError
+from gnp.errors import NonFiniteError
+from gnp.errors import Preempted
 from gnp.writers import MetricWriter
 from gnp.writers import Progress
 
@@ -57,6 +67,17 @@ class TrainState(flax.struct.PyTreeNode):
   # from here, so states differing only in these share one compiled step and
   # can be stacked and vmapped (`gnp.population`).
   hparams: Any
+  # Non-finite steps (int32 scalars, so that states stack and vmap). The
+  # first step, numbered as in the log (state.step + 1), whose loss or
+  # update was NaN or Inf, -1 if none; with on_nonfinite="stop" the state is
+  # frozen from it on, so it still holds the last good values.
+  nonfinite_step: jax.Array
+  nonfinite_what: jax.Array  # Which quantity: NONFINITE_LOSS or _UPDATE.
+  skipped_steps: jax.Array  # on_nonfinite="skip": updates refused so far.
+
+
+NONFINITE_LOSS, NONFINITE_UPDATE = 1, 2
+_NONFINITE_NAMES = {NONFINITE_LOSS: "loss", NONFINITE_UPDATE: "update"}
 
 
 def hyperparameters(config: ml_collections.ConfigDict) -> dict:
@@ -145,13 +166,25 @@ def make_loss_fn(model, batch_stats, *, l2=None) -> Callable:
 # --- The step --------------------------------------------------------------
 
 
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def train_step(state: TrainState, batch, *, model, make_tx, unit_schedule,
-               regularizer, preprocess, augment, use_l2):
+               regularizer, preprocess, augment, use_l2,
+               skip_nonfinite=False):
   """One update of ``state`` on a global batch; returns (state, metrics).
 
   ``make_tx(schedule, weight_decay)`` builds the optax chain and
   ``unit_schedule`` is the learning-rate schedule for a peak of 1: both are
   completed with the hyper-parameters in ``state.hparams``.
+
+  A NaN or Inf in the loss or in the new parameters, optimiser state or
+  batch statistics is never applied. With ``skip_nonfinite`` the step
+  counts it and moves on to the next batch; otherwise it records the step in
+  ``state.nonfinite_step`` and the state stays as it was from then on.
   """
   hparams = state.hparams["optimizer"]
   schedule = lambda count: hparams["learning_rate"] * unit_schedule(count)
@@ -186,8 +219,33 @@ def train_step(state: TrainState, batch, *, model, make_tx, unit_schedule,
   }
   if "grad_norm" in stats:
     metrics["grad_norm"] = stats["grad_norm"]
-  new_state = state.replace(step=state.step + 1, params=params,
-                            batch_stats=batch_stats, opt_state=opt_state)
+  fault = jnp.where(
+      jnp.isfinite(objective) & jnp.isfinite(stats["task_loss"]),
+      jnp.where(_all_finite((params, opt_state, batch_stats)), 0,
+                NONFINITE_UPDATE),
+      NONFINITE_LOSS).astype(jnp.int32)
+  frozen = state.nonfinite_step >= 0  # Only ever set without skip_nonfinite.
+  apply = (fault == 0) & ~frozen
+  # Selects rather than lax.cond: both branches are computed anyway, and a
+  # select stays a select under vmap.
+  keep = lambda new, old: jax.tree.map(
+      lambda a, b: jnp.where(apply, a, b), new, old)
+  metrics["nonfinite"] = (~apply).astype(jnp.float32)  # Not applied.
+  if skip_nonfinite:
+    new_state = state.replace(
+        step=state.step + 1, params=keep(params, state.params),
+        batch_stats=keep(batch_stats, state.batch_stats),
+        opt_state=keep(opt_state, state.opt_state),
+        skipped_steps=state.skipped_steps + (fault != 0))
+  else:
+    first = (fault != 0) & ~frozen
+    new_state = state.replace(
+        step=jnp.where(apply, state.step + 1, state.step),
+        params=keep(params, state.params),
+        batch_stats=keep(batch_stats, state.batch_stats),
+        opt_state=keep(opt_state, state.opt_state),
+        nonfinite_step=jnp.where(first, state.step + 1, state.nonfinite_step),
+        nonfinite_what=jnp.where(first, fault, state.nonfinite_what))
   return new_state, metrics
 
 
@@ -336,7 +394,10 @@ def create_experiment(config: ml_collections.ConfigDict,
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}),
                       opt_state=tx.init(params), rng=rng,
-                      hparams=jax.tree.map(jnp.asarray, hparams))
+                      hparams=jax.tree.map(jnp.asarray, hparams),
+                      nonfinite_step=jnp.full((), -1, jnp.int32),
+                      nonfinite_what=jnp.zeros((), jnp.int32),
+                      skipped_steps=jnp.zeros((), jnp.int32))
 
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
@@ -353,7 +414,8 @@ def create_experiment(config: ml_collections.ConfigDict,
   state_sharding = jax.tree.map(lambda _: replicated, abstract)
   step_args = dict(model=model, make_tx=make_tx, unit_schedule=unit_schedule,
                    regularizer=regularizer, preprocess=dataset.preprocess,
-                   augment=augment, use_l2=bool(config.optimizer.l2))
+                   augment=augment, use_l2=bool(config.optimizer.l2),
+                   skip_nonfinite=config.on_nonfinite == "skip")
   step_fn = jax.jit(
       functools.partial(train_step, **step_args),
       in_shardings=(state_sharding, split),
@@ -382,14 +444,51 @@ def create_experiment(config: ml_collections.ConfigDict,
   )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _summarise(metrics: list[dict]) -> dict[str, float]:
+  """Means over the steps whose update was applied; ``skipped`` counts the rest."""
+  applied = np.array([m["nonfinite"] for m in metrics]) == 0
+  out = {}
+  for name in metrics[0]:
+    if name != "nonfinite":
+      values = np.array([m[name] for m in metrics])[applied]
+      out[name] = float(np.mean(values)) if values.size else float("nan")
+  out["skipped"] = float(np.sum(~applied))
+  return out
+
+
+def _raise_if_nonfinite(state: TrainState, checkpointer: Checkpointer) -> None:
+  """Raises `NonFiniteError` if the state recorded a non-finite step.
+
+  One scalar crosses to the host; the loop calls this only where it syncs
+  anyway, and always before a checkpoint is saved.
+  """
+  step, what = jax.device_get((state.nonfinite_step, state.nonfinite_what))
+  if step < 0:
+    return
+  last = checkpointer.latest_step()
+  kept = (f"the last good checkpoint is step {last} in {checkpointer.directory}"
+          if last is not None else "no checkpoint was saved")
+  raise NonFiniteError(
+      f"non-finite {_NONFINITE_NAMES[int(what)]} (NaN or Inf) at step {step};"
+      f" the run stopped and {kept}. Lower the learning rate, or set"
+      " --config.on_nonfinite=skip to skip such steps.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       dataset=None) -> dict:
   """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
 
   Returns the final summary, also written to ``workdir/summary.json``.
-  Raises `gnp.errors.UserError` for a mistake in the input, before any
-  compilation and before anything is written.
+  Raises `gnp.errors.UserError` for a mistake in the input (including a
+  workdir that is read-only or holds a different config's run), before any
+  compilation and before anything is written; `gnp.errors.NonFiniteError`
+  when a step's loss or update is not finite and ``on_nonfinite`` is
+  "stop"; `gnp.errors.Preempted` after saving on SIGTERM or SIGINT.
+  ``dataset`` replaces the config's data (tests, notebooks).
   """
-  exp = create_experiment(config)
+  config_lib.validate(config, num_devices=jax.device_count())
+  checkpoints.check_workdir(workdir, config)
+  exp = create_experiment(config, dataset)
   dataset, steps_per_epoch, total_steps = (
       exp.dataset, exp.steps_per_epoch, exp.total_steps)
   os.makedirs(workdir, exist_ok=True)
@@ -424,30 +523,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pending, evals, train_record = [], {}, {}
   train_data = exp.train_data()
   epoch, epoch_indices = None, None
-  for step in range(start + 1, total_steps + 1):
-    if (step - 1) // steps_per_epoch != epoch:
-      epoch = (step - 1) // steps_per_epoch
-      epoch_indices = exp.epoch_indices(epoch)
-    # Dispatch is asynchronous: the host runs ahead until it needs a value.
-    state, metrics = exp.step_on_device_data(state, train_data, epoch_indices)
-    pending.append(metrics)
-    last = step == total_steps
-    if step % config.log_every_steps == 0 or last:
-      means = jax.tree.map(lambda *m: float(np.mean(m)),
-                           *jax.device_get(pending))
-      pending = []
-      train_record = {f"train/{k}": v for k, v in means.items()}
-      writer.write(step, train_record)  # Timings stay out: runs must diff.
-      progress.report(step, step / steps_per_epoch, train_record)
-    epoch_end = step % (steps_per_epoch * config.eval_every_epochs) == 0
-    if epoch_end or last:
-      evals = evaluate_splits()
-      writer.write(step, evals)
-      logging.info("step %d: %s", step,
-                   ", ".join(f"{k} {v:.4f}" for k, v in evals.items()))
-    checkpointer.maybe_save(step, state, force=last)
-  checkpointer.close()
-  writer.close()
+  try:
+    with checkpoints.SignalFlag() as signals:
+      for step in range(start + 1, total_steps + 1):
+        if (step - 1) // steps_per_epoch != epoch:
+          epoch = (step - 1) // steps_per_epoch
+          epoch_indices = exp.epoch_indices(epoch)
+        # Dispatch is asynchronous: the host runs ahead until it needs a value.
+        state, metrics = exp.step_on_device_data(state, train_data,
+                                                 epoch_indices)
+        pending.append(metrics)
+        last = step == total_steps
+        log = step % config.log_every_steps == 0 or last
+        epoch_end = step % (steps_per_epoch * config.eval_every_epochs) == 0
+        preempted = signals.preempted(step)
+        if log or epoch_end or checkpointer.due(step) or last or preempted:
+          _raise_if_nonfinite(state, checkpointer)
+        if log:
+          means = _summarise(jax.device_get(pending))
+          pending = []
+          train_record = {f"train/{k}": v for k, v in means.items()}
+          writer.write(step, train_record)  # Timings stay out: runs must diff.
+          progress.report(step, step / steps_per_epoch, train_record)
+        if epoch_end or last:
+          evals = evaluate_splits()
+          writer.write(step, evals)
+          logging.info("step %d: %s", step,
+                       ", ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+        checkpointer.maybe_save(step, state, force=last or preempted)
+        if preempted and not last:
+          checkpointer.wait()
+          writer.flush()
+          name = signal.Signals(signals.received).name
+          raise Preempted(
+              f"{name} at step {step} of {total_steps}: saved a checkpoint"
+              f" in {checkpointer.directory}; run the same command again to"
+              " resume.", signals.received)
+  finally:
+    checkpointer.close()
+    writer.close()
 
   if not evals:  # The run had already finished: evaluate what was restored.
     evals = evaluate_splits()
@@ -455,6 +569,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   summary = {
       "steps": int(state.step),
       "epochs": int(state.step) / steps_per_epoch,
+      "skipped_steps": int(state.skipped_steps),
       "wall_time_s": wall_time,
       "examples_per_second": (int(state.step) - start) * config.batch_size
                              / max(wall_time, 1e-9),
