@@ -1,0 +1,502 @@
+"""Studies: tune each arm with Optuna, retrain the best over seeds, report.
+
+    python -m gnp.study --config=configs/studies/gnvr.py --workdir=DIR
+
+The protocol every experiment of this field follows, as one command:
+
+1. **Tune.** For each arm (e.g. baseline and GNVR), Optuna's TPE sampler
+   (seeded) proposes ``tuning.num_trials`` settings of the arm's search
+   space; each is trained for ``tuning.num_epochs`` with the study's seed and
+   scored by ``objective`` (e.g. ``validation/accuracy``) at its last epoch,
+   on the validation split held out of the training data — never the test
+   set. Trials are asked ``tuning.trials_at_once`` at a time and trained as
+   one vmapped population (`gnp.population`).
+2. **Retrain.** The best setting of each arm is trained for
+   ``final.num_epochs`` with ``final.num_seeds`` fresh seeds (the study's
+   seed + 1, + 2, ...), again vmapped; every arm sees the same seeds, so arms
+   can be compared seed by seed.
+3. **Report.** ``results.json`` holds every trial and seed with its curves;
+   `gnp.report` turns it into ``table.md`` and ``curves.png``.
+
+The Optuna study lives in ``DIR/study.db`` (SQLite; ``optuna-dashboard
+sqlite:///DIR/study.db`` opens it) and each arm's final runs in
+``DIR/final/<arm>.json``, so a study that is stopped at any moment resumes
+where it stopped when the command is run again: finished trials are kept,
+trials that were running are re-proposed with the same values.
+
+``vectorize=False`` trains one run at a time with `gnp.train`, in
+``DIR/runs/``, with checkpoints — for models too large to stack.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import optuna
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from gnp import config as config_lib
+from gnp import data as data_lib
+from gnp import population
+from gnp import report
+from gnp import train as train_lib
+from gnp.data import pipeline
+from gnp.errors import ConfigError
+from gnp.errors import UserError
+
+_DISTRIBUTIONS = ("log", "uniform", "int", "choice")
+
+
+# --- Study configs ---------------------------------------------------------
+
+
+def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of the training config file at ``path``."""
+  spec = importlib.util.spec_from_file_location("gnp_study_base", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def arm(name: str, description: str = "", *, overrides=None,
+        search=None) -> ml_collections.ConfigDict:
+  """One arm of a study.
+
+  Args:
+    name: the arm's name in tables and plots.
+    description: one line for the reader.
+    overrides: ``{dotted config key: value}`` applied to the study's
+      training config for this arm (e.g. ``{"method": "gnvr"}``).
+    search: ``{dotted config key: spec}``, the space Optuna searches; a spec
+      is ``("log", low, high)``, ``("uniform", low, high)``, ``("int", low,
+      high)`` or ``("choice", value, ...)``. Empty: the arm is not tuned.
+  """
+  return ml_collections.ConfigDict({
+      "name": name, "description": description,
+      "overrides": _nest(overrides or {}), "search": _nest(search or {}),
+  })
+
+
+def _nest(flat: dict) -> dict:
+  """``{"a.b": v}`` -> ``{"a": {"b": v}}`` (ConfigDict keys cannot hold dots)."""
+  nested = {}
+  for key, value in flat.items():
+    *sections, name = key.split(".")
+    node = nested
+    for section in sections:
+      node = node.setdefault(section, {})
+    node[name] = value
+  return nested
+
+
+def _flat(nested) -> dict:
+  """The inverse of `_nest`: ``{dotted key: value}``."""
+  return config_lib._flatten(nested)  # pylint: disable=protected-access
+
+
+def default_study() -> ml_collections.ConfigDict:
+  """Every study key with its default; study configs fill in the rest."""
+  c = ml_collections.ConfigDict()
+  c.name = ""
+  c.seed = 0  # Sampler seed, tuning runs' seed and the data seed.
+  c.objective = "validation/accuracy"  # A history key, read at the last epoch.
+  c.direction = "maximize"  # or "minimize"
+  c.train = config_lib.default_config()  # The training config all arms share.
+  c.arms = ()  # `arm(...)`s; the first is the reference in comparisons.
+  c.tuning = ml_collections.ConfigDict()
+  c.tuning.num_trials = 20  # Per arm.
+  c.tuning.num_epochs = 30
+  c.tuning.trials_at_once = 5  # Asked together, trained as one population.
+  c.tuning.startup_trials = 10  # Random trials before TPE takes over.
+  c.final = ml_collections.ConfigDict()
+  c.final.num_seeds = 5
+  c.final.num_epochs = 30
+  c.vectorize = True  # False: one run at a time (large models).
+  return c
+
+
+def smoke(study: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks ``study`` to seconds: 2 trials and 2 seeds of 2 epochs."""
+  study.tuning.num_trials = 2
+  study.tuning.trials_at_once = 2
+  study.tuning.num_epochs = 2
+  study.final.num_seeds = 2
+  study.final.num_epochs = 2
+  return study
+
+
+def arm_config(study: ml_collections.ConfigDict, spec,
+               params: dict | None = None, *, seed: int,
+               num_epochs: int) -> ml_collections.ConfigDict:
+  """The training config of one run of arm ``spec``."""
+  config = ml_collections.ConfigDict(study.train.to_dict())
+  config.update_from_flattened_dict(_flat(spec.overrides))
+  config.update_from_flattened_dict(dict(params or {}))
+  config.seed = seed
+  if config.dataset.seed is None:
+    config.dataset.seed = study.seed  # One dataset for every trial and seed.
+  config.num_epochs = num_epochs
+  config.num_steps = None
+  config.eval_every_epochs = 1
+  return config
+
+
+def validate(study: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first thing wrong with ``study``."""
+  if not study.name:
+    raise ConfigError("the study needs a name.")
+  if not study.arms:
+    raise ConfigError("the study has no arms.")
+  names = [a.name for a in study.arms]
+  if len(set(names)) != len(names):
+    raise ConfigError(f"arm names must be unique, got {names}.")
+  if study.direction not in ("maximize", "minimize"):
+    raise ConfigError(
+        f"direction must be maximize or minimize, got {study.direction!r}.")
+  split, _, metric = study.objective.partition("/")
+  if split not in ("validation", "train") or metric not in (
+      "loss", "accuracy", "cross_entropy"):
+    raise ConfigError(
+        f"objective {study.objective!r} must be validation/loss or"
+        " validation/accuracy (or a train/ metric): tuning never reads the"
+        " test set.")
+  for name in ("num_trials", "num_epochs", "trials_at_once"):
+    if not isinstance(study.tuning[name], int) or study.tuning[name] < 1:
+      raise ConfigError(f"tuning.{name} must be a positive integer.")
+  for name in ("num_seeds", "num_epochs"):
+    if not isinstance(study.final[name], int) or study.final[name] < 1:
+      raise ConfigError(f"final.{name} must be a positive integer.")
+  for spec in study.arms:
+    for key in (*_flat(spec.overrides), *_flat(spec.search)):
+      try:
+        config_lib.check_key(key)
+      except ConfigError as e:
+        raise ConfigError(f"arm {spec.name!r}: {e}") from None
+    for key, value in _flat(spec.search).items():
+      _distribution(spec.name, key, value)
+    config = arm_config(study, spec, _sample_point(spec), seed=study.seed,
+                        num_epochs=study.tuning.num_epochs)
+    try:
+      config_lib.validate(config, num_devices=jax.device_count())
+    except ConfigError as e:
+      raise ConfigError(f"arm {spec.name!r}: {e}") from None
+    if (split == "validation" and spec.search
+        and not config.dataset.validation_size):
+      raise ConfigError(
+          f"arm {spec.name!r} is tuned on {study.objective} but"
+          " dataset.validation_size is 0: hold out a validation split.")
+
+
+def _distribution(arm_name, key, spec) -> optuna.distributions.BaseDistribution:
+  spec = tuple(spec) if isinstance(spec, (tuple, list)) else (spec,)
+  kind, values = spec[0], spec[1:]
+  try:
+    if kind in ("log", "uniform") and len(values) == 2:
+      return optuna.distributions.FloatDistribution(
+          float(values[0]), float(values[1]), log=kind == "log")
+    if kind == "int" and len(values) == 2:
+      return optuna.distributions.IntDistribution(int(values[0]),
+                                                  int(values[1]))
+    if kind == "choice" and values:
+      return optuna.distributions.CategoricalDistribution(values)
+  except ValueError as e:
+    raise ConfigError(f"arm {arm_name!r}, search {key}: {e}") from None
+  raise ConfigError(
+      f"arm {arm_name!r}, search {key}={spec!r}: use (kind, ...) with kind"
+      f" one of {', '.join(_DISTRIBUTIONS)}, e.g. ('log', 1e-4, 1e-1).")
+
+
+def _sample_point(spec) -> dict:
+  """A point of the search space (its low ends), to validate the config."""
+  point = {}
+  for key, value in _flat(spec.search).items():
+    dist = _distribution(spec.name, key, value)
+    point[key] = (dist.choices[0] if hasattr(dist, "choices") else dist.low)
+  return point
+
+
+# --- Training runs ---------------------------------------------------------
+
+
+def _train(study, configs, dataset, run_dirs, populations) -> list[dict]:
+  """Histories of ``configs``: vmapped per structure, or one at a time.
+
+  ``populations`` caches the compiled `population.Population` by structure,
+  so that an arm's batches of trials compile once.
+  """
+  if not study.vectorize:
+    return [_train_one(config, directory, dataset)
+            for config, directory in zip(configs, run_dirs)]
+  groups = collections.defaultdict(list)
+  for i, config in enumerate(configs):
+    key = json.dumps(population.structure(config), sort_keys=True,
+                     default=str)
+    groups[key].append(i)
+  histories = [None] * len(configs)
+  for key, members in groups.items():
+    if key not in populations:
+      populations.clear()  # Keep one: each holds its compiled programs.
+      populations[key] = population.Population(configs[members[0]], dataset)
+    results, _ = populations[key].train(
+        [configs[i] for i in members])
+    for i, history in zip(members, results):
+      histories[i] = history
+  return histories
+
+
+def _train_one(config, workdir: str, dataset) -> dict:
+  """`train.train_and_evaluate` with per-epoch records, read back as a history."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.log_every_steps = pipeline.steps_per_epoch(
+      len(dataset.train[1]), config.batch_size)
+  train_lib.train_and_evaluate(config, workdir)
+  keys = [f"train/{m}" for m in population.TRAIN_METRICS] + [
+      f"{split}/{m}" for split in population.SPLITS
+      for m in ("loss", "accuracy")]
+  by_step = collections.defaultdict(dict)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      by_step[record["step"]].update(record)
+  history = collections.defaultdict(list)
+  for epoch, step in enumerate(sorted(by_step), 1):
+    history["epoch"].append(epoch)
+    for key in keys:
+      if key in by_step[step]:
+        history[key].append(by_step[step][key])
+  return dict(history)
+
+
+# --- The study -------------------------------------------------------------
+
+
+def _optuna_study(study, spec, storage, finished: int) -> optuna.Study:
+  # Seeded by (study seed, arm, trials so far): an uninterrupted study is
+  # reproducible, a resumed one does not redraw its first random trials, and
+  # arms do not share their random draws.
+  arm_index = [a.name for a in study.arms].index(spec.name)
+  seed = np.random.SeedSequence([study.seed, arm_index, finished])
+  sampler = optuna.samplers.TPESampler(
+      seed=int(seed.generate_state(1)[0]),
+      n_startup_trials=study.tuning.startup_trials)
+  return optuna.create_study(study_name=spec.name, storage=storage,
+                             direction=study.direction, sampler=sampler,
+                             load_if_exists=True)
+
+
+def _finished(trials) -> list:
+  return [t for t in trials
+          if t.state == optuna.trial.TrialState.COMPLETE
+          or (t.state == optuna.trial.TrialState.FAIL
+              and t.user_attrs.get("diverged"))]
+
+
+def tune(study, spec, workdir: str, dataset, populations) -> optuna.Study:
+  """Runs the arm's remaining trials; returns its Optuna study."""
+  storage = f"sqlite:///{os.path.join(workdir, 'study.db')}"
+  probe = optuna.create_study(study_name=spec.name, storage=storage,
+                              direction=study.direction, load_if_exists=True)
+  for t in probe.trials:  # Interrupted mid-batch: propose them again.
+    if t.state == optuna.trial.TrialState.RUNNING:
+      probe.tell(t.number, state=optuna.trial.TrialState.FAIL)
+      probe.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+  distributions = {k: _distribution(spec.name, k, v)
+                   for k, v in _flat(spec.search).items()}
+  while True:
+    done = len(_finished(probe.trials))
+    remaining = study.tuning.num_trials - done
+    if remaining <= 0:
+      return probe
+    optuna_study = _optuna_study(study, spec, storage, done)
+    trials = [optuna_study.ask(distributions)
+              for _ in range(min(remaining, study.tuning.trials_at_once))]
+    configs = [arm_config(study, spec, t.params, seed=study.seed,
+                          num_epochs=study.tuning.num_epochs) for t in trials]
+    run_dirs = [os.path.join(workdir, "runs", spec.name, f"trial_{t.number}")
+                for t in trials]
+    started = time.perf_counter()
+    histories = _train(study, configs, dataset, run_dirs, populations)
+    seconds = (time.perf_counter() - started) / len(trials)
+    for t, history in zip(trials, histories):
+      t.set_user_attr("history", history)
+      t.set_user_attr("train_time_s", seconds)
+      value = history[study.objective][-1]
+      if math.isfinite(value):
+        optuna_study.tell(t, value)
+      else:
+        t.set_user_attr("diverged", True)
+        optuna_study.tell(t, state=optuna.trial.TrialState.FAIL)
+    probe = optuna_study
+    best = _best(probe)
+    logging.info("%s: %d/%d trials, best %s = %s", spec.name,
+                 len(_finished(probe.trials)), study.tuning.num_trials,
+                 study.objective, best and f"{best.value:.4f} {best.params}")
+
+
+def _best(optuna_study):
+  complete = [t for t in optuna_study.trials
+              if t.state == optuna.trial.TrialState.COMPLETE]
+  return optuna_study.best_trial if complete else None
+
+
+def retrain(study, spec, best_params: dict, workdir: str, dataset,
+            populations) -> dict:
+  """The arm's final runs over seeds, cached in ``final/<arm>.json``."""
+  path = os.path.join(workdir, "final", f"{spec.name}.json")
+  seeds = [study.seed + i for i in range(1, study.final.num_seeds + 1)]
+  if os.path.exists(path):
+    with open(path) as f:
+      cached = json.load(f)
+    if (cached["params"] == best_params
+        and [s["seed"] for s in cached["seeds"]] == seeds
+        and len(cached["seeds"][0]["history"]["epoch"])
+        == study.final.num_epochs):
+      return cached
+  configs = [arm_config(study, spec, best_params, seed=s,
+                        num_epochs=study.final.num_epochs) for s in seeds]
+  run_dirs = [os.path.join(workdir, "runs", spec.name, f"seed_{s}")
+              for s in seeds]
+  started = time.perf_counter()
+  histories = _train(study, configs, dataset, run_dirs, populations)
+  result = {"params": best_params,
+            "seeds": [{"seed": s, "history": h}
+                      for s, h in zip(seeds, histories)],
+            "train_time_s": time.perf_counter() - started}
+  _write_json(path, result)
+  return result
+
+
+def run(study: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Tunes, retrains and reports ``study`` in ``workdir``; returns results."""
+  validate(study)
+  datasets = {}
+
+  def dataset_of(spec):
+    config = arm_config(study, spec, seed=study.seed, num_epochs=1)
+    key = json.dumps(config.dataset.to_dict(), sort_keys=True)
+    if key not in datasets:
+      datasets[key] = data_lib.load(config.dataset,
+                                    seed=train_lib.data_seed(config))
+    return datasets[key]
+
+  os.makedirs(workdir, exist_ok=True)
+  _write_text(os.path.join(workdir, "study_config.json"),
+              study.to_json_best_effort(indent=1, sort_keys=True))
+  started = time.perf_counter()
+  populations = {}
+  arms = []
+  for spec in study.arms:
+    entry = {"name": spec.name, "description": spec.description,
+             "best_params": {}, "best_value": None, "trials": []}
+    tuning_time = 0.0
+    dataset = dataset_of(spec)
+    if spec.search:
+      optuna_study = tune(study, spec, workdir, dataset, populations)
+      best = _best(optuna_study)
+      if best is None:
+        raise UserError(f"arm {spec.name!r}: every tuning trial diverged.")
+      entry["best_params"], entry["best_value"] = best.params, best.value
+      for t in optuna_study.trials:
+        if t.state == optuna.trial.TrialState.COMPLETE or t.user_attrs.get(
+            "diverged"):
+          entry["trials"].append({
+              "number": t.number, "params": t.params, "value": t.value,
+              "state": t.state.name, "history": t.user_attrs["history"]})
+          tuning_time += t.user_attrs["train_time_s"]
+    final = retrain(study, spec, entry["best_params"], workdir, dataset,
+                    populations)
+    entry["seeds"] = final["seeds"]
+    entry["wall_time_s"] = {"tuning": tuning_time,
+                            "final": final["train_time_s"]}
+    arms.append(entry)
+  results = {
+      "study": study.name,
+      "objective": {"metric": study.objective, "direction": study.direction},
+      "arms": arms,
+      "wall_time_s": {
+          "tuning": sum(a["wall_time_s"]["tuning"] for a in arms),
+          "final": sum(a["wall_time_s"]["final"] for a in arms),
+          "this_invocation": time.perf_counter() - started,
+      },
+  }
+  results["wall_time_s"]["total"] = (results["wall_time_s"]["tuning"]
+                                     + results["wall_time_s"]["final"])
+  _write_json(os.path.join(workdir, "results.json"), results)
+  report.write(results, workdir)
+  return results
+
+
+def _write_json(path: str, value) -> None:
+  _write_text(path, json.dumps(value, indent=1))
+
+
+def _write_text(path: str, text: str) -> None:
+  """Writes whole or not at all: a stopped study never leaves half a file."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp"
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+# --- Command line ----------------------------------------------------------
+
+
+def _define_flags():
+  # Defined when run as a program only, so that importing gnp.study next to
+  # gnp.main (which has flags of the same names) stays possible.
+  flags.DEFINE_string(
+      "workdir", None, "Directory for study.db, results.json, table.md and"
+      " curves.png; a study resumes from what it holds.", required=True)
+  config_flags.DEFINE_config_file(
+      "config", None, "Study config file (configs/studies/*.py[:variant]).",
+      lock_config=True)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, but a mistake is one line, not a traceback."""
+  try:
+    argv = flags.FLAGS(argv)
+    if flags.FLAGS.config is None:
+      raise ValueError("--config is required, e.g."
+                       " --config=configs/studies/gnvr.py")
+    flags.FLAGS.config.keys()  # The file loads lazily; fail here if it can't.
+    return argv
+  except (flags.Error, AttributeError, KeyError, OSError, ValueError) as e:
+    lines = [l.strip() for l in str(e).splitlines()
+             if l.strip() and not l.strip().startswith("Pass --help")]
+    sys.exit(f"gnp.study: error: {lines[-1] if lines else type(e).__name__}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  optuna.logging.set_verbosity(optuna.logging.WARNING)
+  try:
+    results = run(flags.FLAGS.config, flags.FLAGS.workdir)
+  except UserError as e:
+    logging.flush()
+    sys.exit(f"gnp.study: error: {e}")
+  logging.info("Wrote %s", os.path.join(flags.FLAGS.workdir, "table.md"))
+  print(report.table(results))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main, flags_parser=_parse_flags)
