@@ -536,8 +536,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         last = step == total_steps
         log = step % config.log_every_steps == 0 or last
         epoch_end = step % (steps_per_epoch * config.eval_every_epochs) == 0
-        preempted = signals.preempted(step)
-        if log or epoch_end or checkpointer.due(step) or last or preempted:
+        synced = log or epoch_end or checkpointer.due(step) or last
+        if synced:
           _raise_if_nonfinite(state, checkpointer)
         if log:
           means = _summarise(jax.device_get(pending))
@@ -550,6 +550,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           writer.write(step, evals)
           logging.info("step %d: %s", step,
                        ", ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+        # Asked here, after logging, so that a signal that came during this
+        # step is answered at its end.
+        preempted = signals.preempted(step)
+        if preempted and not synced:
+          _raise_if_nonfinite(state, checkpointer)
         checkpointer.maybe_save(step, state, force=last or preempted)
         if preempted and not last:
           checkpointer.wait()
