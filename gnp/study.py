@@ -428,13 +428,14 @@ def run(study: ml_collections.ConfigDict, workdir: str) -> dict:
       "wall_time_s": {
           "tuning": sum(a["wall_time_s"]["tuning"] for a in arms),
           "final": sum(a["wall_time_s"]["final"] for a in arms),
-          "this_invocation": time.perf_counter() - started,
       },
   }
   results["wall_time_s"]["total"] = (results["wall_time_s"]["tuning"]
                                      + results["wall_time_s"]["final"])
   _write_json(os.path.join(workdir, "results.json"), results)
   report.write(results, workdir)
+  logging.info("Study %s done in %.1f s (this invocation).", study.name,
+               time.perf_counter() - started)
   return results
 
 

@@ -40,3 +40,25 @@ def run(args, *, env=None, timeout=600, cwd=ROOT):
       [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True,
       text=True, timeout=timeout,
   )
+
+
+def tiny_study(**overrides):
+  """A two-arm study (plain, SAM) of 2 trials and 2 seeds on tiny mnist1d."""
+  from gnp import study  # pylint: disable=g-import-not-at-top
+
+  config = study.default_study()
+  config.name = "tiny"
+  config.train = tiny_mnist1d()
+  lr = {"optimizer.learning_rate": ("log", 1e-3, 1e-2)}
+  config.arms = (
+      study.arm("plain", "AdamW", search=lr),
+      study.arm("sam", "SAM", overrides={"method": "sam"},
+                search={**lr, "sam.rho": ("log", 1e-3, 0.1)}),
+  )
+  config.tuning.num_trials = 2
+  config.tuning.trials_at_once = 2
+  config.tuning.num_epochs = 2
+  config.final.num_seeds = 2
+  config.final.num_epochs = 2
+  config.update_from_flattened_dict(overrides)
+  return config

@@ -1,0 +1,186 @@
+"""gnp.study: tuning, retraining over seeds, the report, and resuming."""
+
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from gnp import study
+from gnp.errors import ConfigError
+from tests.helpers import ROOT
+from tests.helpers import run
+from tests.helpers import tiny_study
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("study"))
+  results = study.run(tiny_study(), workdir)
+  return workdir, results
+
+
+def _row(table, arm):
+  (line,) = [l for l in table.splitlines() if l.startswith(f"| {arm} |")]
+  return line
+
+
+def test_study_tunes_retrains_and_reports(finished):
+  workdir, results = finished
+  assert json.load(open(os.path.join(workdir, "results.json"))) == results
+  assert [a["name"] for a in results["arms"]] == ["plain", "sam"]
+  for arm in results["arms"]:
+    assert len(arm["trials"]) == 2
+    for trial in arm["trials"]:
+      # The objective is the tuning run's last validation accuracy.
+      assert trial["value"] == trial["history"]["validation/accuracy"][-1]
+      assert len(trial["history"]["epoch"]) == 2
+    best = max(arm["trials"], key=lambda t: t["value"])
+    assert arm["best_params"] == best["params"]
+    assert arm["best_value"] == best["value"]
+    assert set(arm["best_params"]) == set(
+        {"plain": ["optimizer.learning_rate"],
+         "sam": ["optimizer.learning_rate", "sam.rho"]}[arm["name"]])
+    assert [s["seed"] for s in arm["seeds"]] == [1, 2]  # Fresh seeds.
+    assert all(s["history"]["epoch"] == [1, 2] for s in arm["seeds"])
+  png = open(os.path.join(workdir, "curves.png"), "rb").read()
+  assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_table_numbers_equal_those_recomputed_from_results(finished):
+  workdir, _ = finished
+  results = json.load(open(os.path.join(workdir, "results.json")))
+  table = open(os.path.join(workdir, "table.md")).read()
+  last = lambda arm, key: np.array([s["history"][key][-1]
+                                    for s in arm["seeds"]])
+  for arm in results["arms"]:
+    row = _row(table, arm["name"])
+    for key, scale, digits in (("test/accuracy", 100, 2),
+                               ("validation/accuracy", 100, 2),
+                               ("validation/loss", 1, 4),
+                               ("train/cross_entropy", 1, 4),
+                               ("test/loss", 1, 4)):
+      values = last(arm, key) * scale
+      cell = f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+      assert f"| {cell} |" in row, (key, cell, row)
+  reference, other = results["arms"]
+  diff = (last(other, "test/accuracy") - last(reference, "test/accuracy")) * 100
+  half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(
+      len(diff))
+  cell = (f"{diff.mean():+.2f} [{diff.mean() - half:+.2f},"
+          f" {diff.mean() + half:+.2f}] (n=2)")
+  assert cell in _row(table, "sam")
+  assert "reference" in _row(table, "plain")
+
+
+def test_report_cli_rebuilds_the_same_table(finished, tmp_path):
+  workdir, _ = finished
+  copy = tmp_path / "copy"
+  copy.mkdir()
+  (copy / "results.json").write_text(
+      open(os.path.join(workdir, "results.json")).read())
+  proc = run(["-m", "gnp.report", f"--workdir={copy}"], timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert (copy / "table.md").read_text() == open(
+      os.path.join(workdir, "table.md")).read()
+
+
+def test_a_finished_study_is_not_retrained(finished, monkeypatch):
+  workdir, results = finished
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("a finished study trained again")
+
+  monkeypatch.setattr(study.population.Population, "train", refuse)
+  again = study.run(tiny_study(), workdir)
+  assert again["arms"] == results["arms"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"objective": "test/accuracy"}, "never reads the test set"),
+    ({"direction": "up"}, "direction"),
+    ({"tuning.num_trials": 0}, "tuning.num_trials"),
+    ({"train.dataset.validation_size": 0}, "validation_size is 0"),
+])
+def test_bad_studies_are_refused_before_training(overrides, message, tmp_path):
+  with pytest.raises(ConfigError, match=message):
+    study.run(tiny_study(**overrides), str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
+def test_bad_arms_are_refused():
+  config = tiny_study()
+  config.arms = (study.arm("a", search={"optimizer.learning_rte": (
+      "log", 1e-3, 1e-2)}),)
+  with pytest.raises(ConfigError, match="did you mean 'optimizer.learning_rate'"):
+    study.validate(config)
+  config.arms = (study.arm("a", search={"optimizer.learning_rate": (
+      "loguniform", 1e-3, 1e-2)}),)
+  with pytest.raises(ConfigError, match="kind one of"):
+    study.validate(config)
+
+
+_STUDY_FILE = """
+import sys
+sys.path.insert(0, {root!r})
+from tests.helpers import tiny_study
+
+def get_config(arg=None):
+  return tiny_study(**{{"tuning.num_trials": 4, "tuning.trials_at_once": 1,
+                       "tuning.num_epochs": 3, "final.num_epochs": 1}})
+"""
+
+
+def _trials(db):
+  with sqlite3.connect(db) as con:
+    return con.execute(
+        "SELECT t.number, t.state, v.value FROM trials t JOIN studies s"
+        " ON t.study_id = s.study_id LEFT JOIN trial_values v"
+        " ON v.trial_id = t.trial_id WHERE s.study_name = 'plain'"
+        " ORDER BY t.number").fetchall()
+
+
+@pytest.mark.slow
+def test_a_killed_study_resumes_without_redoing_finished_trials(tmp_path):
+  config = tmp_path / "tiny_study.py"
+  config.write_text(_STUDY_FILE.format(root=ROOT))
+  workdir = tmp_path / "work"
+  args = [sys.executable, "-m", "gnp.study", f"--config={config}",
+          f"--workdir={workdir}"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  db = workdir / "study.db"
+  deadline = time.time() + 300
+  before = []
+  while time.time() < deadline and proc.poll() is None:
+    time.sleep(0.2)
+    if db.exists():
+      try:
+        before = [t for t in _trials(db) if t[1] == "COMPLETE"]
+      except sqlite3.OperationalError:  # Tables not created yet, or locked.
+        continue
+      if len(before) >= 2:
+        break
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert 2 <= len(before) < 4, "the study was not stopped during tuning"
+
+  finished = subprocess.run(args, cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+  assert finished.returncode == 0, finished.stderr[-3000:]
+  after = _trials(db)
+  complete = [t for t in after if t[1] == "COMPLETE"]
+  # The trials finished before the kill are kept as they were, and only the
+  # missing ones were trained: exactly 4 complete trials in all.
+  assert complete[:len(before)] == before
+  assert len(complete) == 4
+  results = json.load(open(workdir / "results.json"))
+  assert len(results["arms"][0]["trials"]) == 4
