@@ -137,6 +137,16 @@ def smoke(study: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return study
 
 
+def apply_variant(study: ml_collections.ConfigDict,
+                  arg: str | None) -> ml_collections.ConfigDict:
+  """The variants every study config takes: none, or ``smoke``."""
+  if arg == "smoke":
+    smoke(study)
+  elif arg:
+    raise ValueError(f"unknown variant {arg!r}; the only variant is 'smoke'.")
+  return study
+
+
 def arm_config(study: ml_collections.ConfigDict, spec,
                params: dict | None = None, *, seed: int,
                num_epochs: int) -> ml_collections.ConfigDict:

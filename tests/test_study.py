@@ -184,3 +184,28 @@ def test_a_killed_study_resumes_without_redoing_finished_trials(tmp_path):
   assert len(complete) == 4
   results = json.load(open(workdir / "results.json"))
   assert len(results["arms"][0]["trials"]) == 4
+
+
+@pytest.mark.parametrize("name", ["gnvr", "gc", "hessian", "all_methods"])
+@pytest.mark.parametrize("variant", [None, "smoke"])
+def test_study_configs_validate(name, variant):
+  config = study.load_config(os.path.join(ROOT, "configs", "studies",
+                                          f"{name}.py"), variant)
+  study.validate(config)
+  assert config.objective.startswith("validation/")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.tuning.num_trials=0"], "tuning.num_trials"),
+    (["--config.tuning.num_trails=3"], "num_trails"),
+    (["--config.objective=test/loss"], "never reads the test set"),
+])
+def test_cli_mistakes_are_one_line(args, message, tmp_path):
+  workdir = tmp_path / "w"
+  proc = run(["-m", "gnp.study", "--config=configs/studies/gnvr.py:smoke",
+              f"--workdir={workdir}", *args], timeout=120)
+  assert proc.returncode == 1
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("gnp.study: error:"), lines
+  assert message in lines[0]
+  assert not workdir.exists()

@@ -64,8 +64,4 @@ def get_config(arg=None):
   config.tuning.num_epochs = 30
   config.final.num_seeds = 5
   config.final.num_epochs = 30
-  if arg == "smoke":
-    study.smoke(config)
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r}; the only variant is 'smoke'.")
-  return config
+  return study.apply_variant(config, arg)
