@@ -7,9 +7,11 @@ import re
 import pytest
 
 from gnp import config as config_lib
+from gnp import train
 from gnp.errors import ConfigError
 from tests.helpers import load_config
 from tests.helpers import run
+from tests.helpers import tiny_mnist1d
 
 # absl log lines start with a level letter and a date: I1124 12:00:00.000.
 _LOG_LINE = re.compile(r"^[IWEF]\d{4} ")
@@ -41,7 +43,20 @@ BAD = {
     "negative lr": (["--config.optimizer.learning_rate=-0.1"],
                     "learning_rate must be non-negative"),
     "negative r": (["--config.method=gnp", "--config.gnp.r=-1"], "gnp.r"),
+    "negative lambda": (["--config.method=gnvr", "--config.gnvr.lam=-1"],
+                        "gnvr.lam must be non-negative"),
+    "negative rho": (["--config.method=sam", "--config.sam.rho=-0.1"],
+                     "sam.rho must be non-negative"),
     "label noise": (["--config.dataset.label_noise=1.0"], "label_noise"),
+    "negative label noise": (["--config.dataset.label_noise=-0.1"],
+                             "label_noise must be a fraction in [0, 1)"),
+    "unknown on_nonfinite": (["--config.on_nonfinite=ignore"],
+                             "on_nonfinite='ignore' is unknown"),
+    # Not prepared in data_dir, and not downloadable here (no TensorFlow to
+    # build it, or no network).
+    "dataset unavailable": (["--config.dataset.name=cifar10",
+                             "--config.dataset.data_dir=/nonexistent/tfds"],
+                            "cifar10 is not prepared in /nonexistent/tfds"),
     "validation too large": (["--config.dataset.validation_size=4000"],
                              "validation_size"),
     "group size": (["--config.method=sam", "--config.sam.group_size=7"],
@@ -52,6 +67,28 @@ BAD = {
 }
 
 
+def _assert_one_line(result, expected):
+  """Exit 1, one ``gnp: error:`` line, no traceback, nothing compiled."""
+  assert result.returncode == 1, result.stderr[-3000:]
+  lines = [l for l in result.stderr.splitlines()
+           if l.strip() and not _LOG_LINE.match(l)]
+  assert len(lines) == 1, result.stderr[-3000:]
+  assert lines[0].startswith("gnp: error: "), lines[0]
+  assert expected in lines[0], lines[0]
+  assert "Traceback" not in result.stderr
+  assert "Compiling" not in result.stderr
+
+
+def _tree(path):
+  """Every file and directory under ``path`` with its size and mtime."""
+  out = {}
+  for root, dirs, files in os.walk(path):
+    for name in dirs + files:
+      stat = os.stat(os.path.join(root, name))
+      out[os.path.join(root, name)] = (stat.st_size, stat.st_mtime_ns)
+  return out
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_a_bad_config_is_one_line_before_compilation(tmp_path, case):
   args, expected = BAD[case]
@@ -59,14 +96,61 @@ def test_a_bad_config_is_one_line_before_compilation(tmp_path, case):
     args = ["--config=configs/mnist1d.py", *args]
   workdir = tmp_path / "run"
   result = _main(workdir, *args)
-  assert result.returncode != 0
-  lines = [l for l in result.stderr.splitlines()
-           if l.strip() and not _LOG_LINE.match(l)]
-  assert len(lines) == 1, result.stderr[-3000:]
-  assert expected in lines[0], lines[0]
-  assert "Traceback" not in result.stderr
-  assert "Compiling" not in result.stderr
+  _assert_one_line(result, expected)
   assert not workdir.exists()
+
+
+def _read_only_dir(tmp_path):
+  """A directory this process cannot write to, or skip."""
+  if os.geteuid() != 0:
+    path = tmp_path / "read_only"
+    path.mkdir()
+    path.chmod(0o555)
+    return path
+  # Root writes through permission bits, so chmod proves nothing; a
+  # read-only file system still stops it (containers mount /proc/sys so).
+  if os.path.isdir("/proc/sys") and not os.access("/proc/sys", os.W_OK):
+    return "/proc/sys"
+  pytest.skip("running as root, and no read-only file system to write to")
+
+
+def _workdir_case(case, tmp_path):
+  """(workdir, expected message) for each workdir mistake."""
+  if case == "read-only":
+    parent = _read_only_dir(tmp_path)
+    return os.path.join(parent, "run"), "is not writable"
+  if case == "under a file":
+    (tmp_path / "notes.txt").write_text("")
+    return str(tmp_path / "notes.txt" / "run"), "notes.txt is a file"
+  # Another config's run: the default config with a different seed.
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_mnist1d(num_steps=2, seed=1), workdir)
+  return workdir, "holds a run of a different config ("
+
+
+@pytest.mark.parametrize("case", ["read-only", "under a file",
+                                  "another config"])
+def test_a_bad_workdir_is_one_line_and_nothing_is_written(tmp_path, case):
+  workdir, expected = _workdir_case(case, tmp_path)
+  before = _tree(tmp_path)
+  args = [f"--config.{k}={v}" for k, v in {
+      "dataset.num_samples": 1000, "dataset.validation_size": 100,
+      "batch_size": 50, "num_steps": 2}.items()]
+  result = _main(workdir, "--config=configs/mnist1d.py", *args)
+  _assert_one_line(result, expected)
+  assert _tree(tmp_path) == before
+
+
+def test_a_diverging_run_names_the_step_and_the_quantity(tmp_path):
+  result = _main(tmp_path, "--config=configs/mnist1d.py:smoke",
+                 "--config.optimizer.learning_rate=1e30",
+                 "--config.optimizer.weight_decay=1e30")
+  assert result.returncode == 3, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      "gnp: error: non-finite update (NaN or Inf) at step 1; the run stopped"
+      " and no checkpoint was saved. Lower the learning rate, or set"
+      " --config.on_nonfinite=skip to skip such steps.")
+  assert "Traceback" not in result.stderr
 
 
 def test_batch_not_divisible_by_the_devices(tmp_path):
