@@ -209,3 +209,21 @@ def test_cli_mistakes_are_one_line(args, message, tmp_path):
   assert len(lines) == 1 and lines[0].startswith("gnp.study: error:"), lines
   assert message in lines[0]
   assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_sequential_study_equals_the_vectorised_one(finished, tmp_path):
+  _, vectorised = finished
+  config = tiny_study(vectorize=False)
+  config.arms = config.arms[:1]  # The plain arm: same sampler seed as before.
+  sequential = study.run(config, str(tmp_path))
+  assert (tmp_path / "runs" / "plain" / "seed_2" / "checkpoints").is_dir()
+  for a, b in zip(vectorised["arms"], sequential["arms"]):
+    # The same seeded sampler proposes the same trials.
+    assert [t["params"] for t in a["trials"]] == [
+        t["params"] for t in b["trials"]]
+    for ta, tb in zip(a["trials"] + a["seeds"], b["trials"] + b["seeds"]):
+      for key in ("train/cross_entropy", "validation/accuracy",
+                  "test/accuracy", "test/loss"):
+        np.testing.assert_allclose(ta["history"][key], tb["history"][key],
+                                   rtol=1e-4, atol=1e-5, err_msg=key)
