@@ -24,6 +24,7 @@ import threading
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -163,17 +164,24 @@ class SignalFlag:
 
 
 def load(workdir: str, step: int | None = None):
-  """A saved train state as a nested dict (``state["params"]``, ...).
+  """A saved train state as a nested dict of numpy arrays (``state["params"]``).
 
-  For notebooks and scripts: no config or model is needed. ``step`` None
-  means the latest.
+  For notebooks and scripts: no config, model or particular devices are
+  needed (a checkpoint written by several processes or devices reads back on
+  one). ``step`` None means the latest.
   """
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step
+  manager.close()
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory}")
-  state = manager.restore(step, args=ocp.args.StandardRestore())
-  manager.close()
-  return state
+  # Restored as numpy, since the saved shardings name the devices that wrote it.
+  path = os.path.join(directory, str(step), "default")
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  restore_args = jax.tree.map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return checkpointer.restore(
+      path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
