@@ -1,6 +1,6 @@
 """Every method on mnist1d with 20% label noise, each tuned the same way.
 
-    python -m gnp.study --config=configs/studies/all_methods.py --workdir=runs/study_all
+    python -m gnp.study --config=configs/studies/all_methods.py --workdir=runs/study_all_methods
 
 The setting of §3 (4,000 training examples, 504 held out for validation,
 20% of training labels randomised; MLP 40→256→256→10; AdamW). Every arm
