@@ -6,9 +6,10 @@
 labels randomised; MLP 40→256→256→10; AdamW. Optuna tunes the learning rate
 and weight decay (baseline) and also λ (GNVR), 20 trials of 30 epochs each,
 scored by the final validation accuracy; the best of each is retrained for
-30 epochs with 5 fresh seeds. On 2 CPU cores it takes about 3 minutes; GNVR gained +2.5 pp test
-accuracy over the baseline, a gain another tuning draw did not reproduce
-(docs/results/README.md). ``:smoke`` runs 2 trials and 2 seeds of 2 epochs.
+30 epochs with 5 fresh seeds. On 2 CPU cores it takes about 3 minutes.
+GNVR gained +2.5 pp test accuracy over the baseline, a gain that another
+tuning draw did not reproduce (docs/results/README.md). ``:smoke`` runs 2
+trials and 2 seeds of 2 epochs.
 """
 
 import os
