@@ -2,6 +2,9 @@
 
 The reference for every recovered run is the same run left alone: its final
 parameters must match bit for bit (CPU), and so must two runs of one config.
+That ‖∇L‖ = 0 gives GNP and SAM a zero update rather than NaN is checked with
+the penalties, in tests/test_gradient_norm.py
+(test_zero_gradient_gives_finite_zero_update).
 """
 
 import dataclasses
