@@ -500,9 +500,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   start = int(state.step)
   writer = MetricWriter(workdir)
   writer.truncate_after(start)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+  if jax.process_index() == 0:  # Whole or not at all: check_workdir reads it.
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(path + ".tmp", path)
   if start:
     logging.info("Resuming from the checkpoint at step %d.", start)
   logging.info("%d steps (%d per epoch), batch %d on %d device(s), method %s.",

@@ -35,8 +35,14 @@ class MetricWriter:
     """Drops records past ``step``: a resumed run writes them again."""
     if not self._enabled or not os.path.exists(self._path):
       return
+    kept = []
     with open(self._path) as f:
-      kept = [line for line in f if json.loads(line)["step"] <= step]
+      for line in f:
+        try:
+          if json.loads(line)["step"] <= step:
+            kept.append(line)
+        except json.JSONDecodeError:  # The last line, cut short by a kill.
+          pass
     with open(self._path + ".tmp", "w") as f:
       f.writelines(kept)
     os.replace(self._path + ".tmp", self._path)

@@ -182,7 +182,7 @@ def test_sigint_saves_the_step_and_a_rerun_resumes_bitwise(tmp_path,
   _assert_same_params(run_dir, straight)
 
 
-def test_a_leftover_temporary_checkpoint_is_never_restored(tmp_path):
+def test_what_a_kill_leaves_behind_is_never_read(tmp_path):
   straight = tmp_path / "straight"
   train.train_and_evaluate(tiny_mnist1d(num_steps=20), str(straight))
   run_dir = tmp_path / "run"
@@ -199,10 +199,18 @@ def test_a_leftover_temporary_checkpoint_is_never_restored(tmp_path):
       path = os.path.join(root, name)
       with open(path, "r+b") as f:
         f.write(b"\xff" * os.path.getsize(path))
+  # And a metrics line cut short.
+  with open(run_dir / "metrics.jsonl", "a") as f:
+    f.write('{"step": 15, "train/lo')
   assert int(checkpoints.load(str(run_dir))["step"]) == 10
   train.train_and_evaluate(tiny_mnist1d(num_steps=20), str(run_dir))
   assert not leftover.exists()
   _assert_same_params(run_dir, straight)
+  # Resumed on a log step, so every train record is the straight run's (the
+  # first run's final evaluation at step 10 stays as an extra record).
+  resumed, expected = ([json.loads(l) for l in open(d / "metrics.jsonl")
+                        if '"train/loss"' in l] for d in (run_dir, straight))
+  assert resumed == expected and len(expected) == 4
 
 
 # --- The workdir belongs to one config ---------------------------------------
