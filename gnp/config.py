@@ -180,9 +180,6 @@ def flatten(config, prefix="") -> dict:
   return out
 
 
-_flatten = flatten  # Its earlier private name; other modules still call it.
-
-
 def _fail(message: str):
   raise ConfigError(message)
 

@@ -18,6 +18,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from gnp import cli
 from gnp import config as config_lib
 from gnp import train
 from gnp.errors import NonFiniteError
@@ -52,25 +53,9 @@ def _quiet_orbax(record) -> bool:
 
 
 def _parse_flags(argv):
-  """absl's flag parsing, but a mistake is one line, not a traceback."""
-  for arg in argv[1:]:
-    if arg.startswith("--config."):
-      try:  # A misspelled key, with the closest known one.
-        config_lib.check_key(arg[len("--config."):].split("=", 1)[0])
-      except UserError as e:
-        sys.exit(f"gnp: error: {e}")
-  try:
-    argv = flags.FLAGS(argv)
-    if flags.FLAGS.config is None:
-      raise ValueError("--config is required, e.g. --config=configs/mnist1d.py")
-    flags.FLAGS.config.keys()  # The file loads lazily; fail here if it can't.
-    return argv
-  except (flags.Error, AttributeError, KeyError, OSError, ValueError) as e:
-    # Flag and config-file errors carry a traceback as text; its last line
-    # ("ValueError: unknown variant ...") is the message.
-    lines = [l.strip() for l in str(e).splitlines()
-             if l.strip() and not l.strip().startswith("Pass --help")]
-    sys.exit(f"gnp: error: {lines[-1] if lines else type(e).__name__}")
+  return cli.parse_config_flags(argv, program="gnp",
+                                example="configs/mnist1d.py",
+                                check_key=config_lib.check_key)
 
 
 def main(argv):

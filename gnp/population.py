@@ -47,7 +47,7 @@ def structure(config: ml_collections.ConfigDict) -> dict:
   whether weight decay and L2 are on matters. Configs with equal structure
   can be trained together.
   """
-  flat = dict(config_lib._flatten(config))  # pylint: disable=protected-access
+  flat = config_lib.flatten(config)
   flat.pop("seed")
   for key in train_lib.hyperparameter_keys(config):
     value = flat.pop(key)

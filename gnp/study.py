@@ -47,6 +47,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from gnp import cli
 from gnp import config as config_lib
 from gnp import data as data_lib
 from gnp import population
@@ -103,7 +104,7 @@ def _nest(flat: dict) -> dict:
 
 def _flat(nested) -> dict:
   """The inverse of `_nest`: ``{dotted key: value}``."""
-  return config_lib._flatten(nested)  # pylint: disable=protected-access
+  return config_lib.flatten(nested)
 
 
 def default_study() -> ml_collections.ConfigDict:
@@ -481,18 +482,8 @@ def _define_flags():
 
 
 def _parse_flags(argv):
-  """absl's flag parsing, but a mistake is one line, not a traceback."""
-  try:
-    argv = flags.FLAGS(argv)
-    if flags.FLAGS.config is None:
-      raise ValueError("--config is required, e.g."
-                       " --config=configs/studies/gnvr.py")
-    flags.FLAGS.config.keys()  # The file loads lazily; fail here if it can't.
-    return argv
-  except (flags.Error, AttributeError, KeyError, OSError, ValueError) as e:
-    lines = [l.strip() for l in str(e).splitlines()
-             if l.strip() and not l.strip().startswith("Pass --help")]
-    sys.exit(f"gnp.study: error: {lines[-1] if lines else type(e).__name__}")
+  return cli.parse_config_flags(argv, program="gnp.study",
+                                example="configs/studies/gnvr.py")
 
 
 def main(argv):
