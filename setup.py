@@ -27,6 +27,7 @@ setuptools.setup(
         "tensorboardX",
         "optuna",
         "matplotlib",
+        "scipy",  # gnp.report's t intervals.
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist"],
