@@ -141,6 +141,12 @@ class Population:
               float(sums["correct"][i] / sums["count"][i]))
       if on_epoch is not None:
         on_epoch(epoch + 1, histories)
+    # A member whose loss or update turned NaN or Inf stopped there (its
+    # state frozen at the last good values); say so rather than let its
+    # later epochs pass for training.
+    for history, step in zip(histories, np.asarray(states.nonfinite_step)):
+      if step >= 0:
+        history["diverged"] = f"NaN or Inf in the loss or update at step {step}"
     return histories, states
 
   def _evaluate_split(self, states, arrays) -> dict:

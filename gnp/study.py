@@ -55,6 +55,7 @@ from gnp import report
 from gnp import train as train_lib
 from gnp.data import pipeline
 from gnp.errors import ConfigError
+from gnp.errors import NonFiniteError
 from gnp.errors import UserError
 
 _DISTRIBUTIONS = ("log", "uniform", "int", "choice")
@@ -272,7 +273,11 @@ def _train_one(config, workdir: str, dataset) -> dict:
   config = ml_collections.ConfigDict(config.to_dict())
   config.log_every_steps = pipeline.steps_per_epoch(
       len(dataset.train[1]), config.batch_size)
-  train_lib.train_and_evaluate(config, workdir)
+  try:
+    train_lib.train_and_evaluate(config, workdir)
+    diverged = None
+  except NonFiniteError as e:
+    diverged = str(e)
   keys = [f"train/{m}" for m in population.TRAIN_METRICS] + [
       f"{split}/{m}" for split in population.SPLITS
       for m in ("loss", "accuracy")]
@@ -287,7 +292,10 @@ def _train_one(config, workdir: str, dataset) -> dict:
     for key in keys:
       if key in by_step[step]:
         history[key].append(by_step[step][key])
-  return dict(history)
+  history = dict(history)
+  if diverged is not None:
+    history["diverged"] = diverged
+  return history
 
 
 # --- The study -------------------------------------------------------------
@@ -341,13 +349,14 @@ def tune(study, spec, workdir: str, dataset, populations) -> optuna.Study:
     histories = _train(study, configs, dataset, run_dirs, populations)
     seconds = (time.perf_counter() - started) / len(trials)
     for t, history in zip(trials, histories):
+      diverged = history.pop("diverged", None)
       t.set_user_attr("history", history)
       t.set_user_attr("train_time_s", seconds)
-      value = history[study.objective][-1]
-      if math.isfinite(value):
+      value = (history.get(study.objective) or [math.nan])[-1]
+      if math.isfinite(value) and diverged is None:
         optuna_study.tell(t, value)
       else:
-        t.set_user_attr("diverged", True)
+        t.set_user_attr("diverged", diverged or "non-finite objective")
         optuna_study.tell(t, state=optuna.trial.TrialState.FAIL)
     probe = optuna_study
     best = _best(probe)
@@ -382,11 +391,18 @@ def retrain(study, spec, best_params: dict, workdir: str, dataset,
   started = time.perf_counter()
   histories = _train(study, configs, dataset, run_dirs, populations)
   result = {"params": best_params,
-            "seeds": [{"seed": s, "history": h}
-                      for s, h in zip(seeds, histories)],
+            "seeds": [_seed_entry(s, h) for s, h in zip(seeds, histories)],
             "train_time_s": time.perf_counter() - started}
   _write_json(path, result)
   return result
+
+
+def _seed_entry(seed: int, history: dict) -> dict:
+  entry = {"seed": seed, "history": history}
+  if "diverged" in history:  # Its curves stop being training there.
+    entry["diverged"] = history.pop("diverged")
+    logging.warning("seed %d diverged: %s", seed, entry["diverged"])
+  return entry
 
 
 def run(study: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -219,10 +219,16 @@ def train_step(state: TrainState, batch, *, model, make_tx, unit_schedule,
   }
   if "grad_norm" in stats:
     metrics["grad_norm"] = stats["grad_norm"]
+  # The norms are computed for the metrics anyway, and a NaN or Inf anywhere
+  # in the gradient or the new parameters makes them non-finite; a scan of
+  # every leaf cost NGS ~15% of its step on the mnist1d MLP. The optimiser
+  # state follows from the gradient, so it is finite when the gradient is.
+  update_finite = (jnp.isfinite(metrics["update_norm"])
+                   & jnp.isfinite(metrics["param_norm"])
+                   & _all_finite(batch_stats))
   fault = jnp.where(
       jnp.isfinite(objective) & jnp.isfinite(stats["task_loss"]),
-      jnp.where(_all_finite((params, opt_state, batch_stats)), 0,
-                NONFINITE_UPDATE),
+      jnp.where(update_finite, 0, NONFINITE_UPDATE),
       NONFINITE_LOSS).astype(jnp.int32)
   frozen = state.nonfinite_step >= 0  # Only ever set without skip_nonfinite.
   apply = (fault == 0) & ~frozen

@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import optuna
 import pytest
 from scipy import stats
 
@@ -234,3 +235,24 @@ def test_sequential_study_equals_the_vectorised_one(tmp_path):
                 "test/accuracy", "test/loss"):
       np.testing.assert_allclose(a["history"][key], b["history"][key],
                                  rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_a_diverging_trial_is_failed_not_scored(tmp_path):
+  config = tiny_study(**{"tuning.num_trials": 2, "tuning.num_epochs": 1,
+                         "final.num_seeds": 1, "final.num_epochs": 1})
+  # A learning rate of 1e30 makes the first update non-finite: the state
+  # freezes at its initial values, which must not pass for a trained model.
+  config.arms = (study.arm("plain", search={
+      "optimizer.learning_rate": ("choice", 1e-3, 1e30)}),)
+  # Both values, whatever the sampler would draw: enqueued trials go first.
+  proposals = optuna.create_study(
+      study_name="plain", direction="maximize",
+      storage=f"sqlite:///{tmp_path / 'study.db'}")
+  for lr in (1e-3, 1e30):
+    proposals.enqueue_trial({"optimizer.learning_rate": lr})
+  results = study.run(config, str(tmp_path))
+  trials = results["arms"][0]["trials"]
+  by_lr = {t["params"]["optimizer.learning_rate"]: t for t in trials}
+  assert by_lr[1e30]["state"] == "FAIL" and by_lr[1e30]["value"] is None
+  assert by_lr[1e-3]["state"] == "COMPLETE"
+  assert results["arms"][0]["best_params"] == {"optimizer.learning_rate": 1e-3}
