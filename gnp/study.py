@@ -57,6 +57,7 @@ from gnp.data import pipeline
 from gnp.errors import ConfigError
 from gnp.errors import NonFiniteError
 from gnp.errors import UserError
+from gnp.writers import write_atomically
 
 _DISTRIBUTIONS = ("log", "uniform", "int", "choice")
 
@@ -419,8 +420,8 @@ def run(study: ml_collections.ConfigDict, workdir: str) -> dict:
     return datasets[key]
 
   os.makedirs(workdir, exist_ok=True)
-  _write_text(os.path.join(workdir, "study_config.json"),
-              study.to_json_best_effort(indent=1, sort_keys=True))
+  write_atomically(os.path.join(workdir, "study_config.json"),
+                   study.to_json_best_effort(indent=1, sort_keys=True))
   started = time.perf_counter()
   populations = {}
   arms = []
@@ -467,20 +468,8 @@ def run(study: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _write_json(path: str, value) -> None:
-  _write_text(path, json.dumps(value, indent=1))
-
-
-def _write_text(path: str, text: str) -> None:
-  """Writes whole or not at all: a stopped study never leaves half a file."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp"
-  try:
-    with open(tmp, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  # Whole or not at all: a stopped study never leaves half a file.
+  write_atomically(path, json.dumps(value, indent=1))
 
 
 # --- Command line ----------------------------------------------------------

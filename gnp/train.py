@@ -54,6 +54,7 @@ from gnp.errors import NonFiniteError
 from gnp.errors import Preempted
 from gnp.writers import MetricWriter
 from gnp.writers import Progress
+from gnp.writers import write_atomically
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -507,10 +508,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = MetricWriter(workdir)
   writer.truncate_after(start)
   if jax.process_index() == 0:  # Whole or not at all: check_workdir reads it.
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(path + ".tmp", path)
+    write_atomically(os.path.join(workdir, "config.json"),
+                     config.to_json_best_effort(indent=2, sort_keys=True))
   if start:
     logging.info("Resuming from the checkpoint at step %d.", start)
   logging.info("%d steps (%d per epoch), batch %d on %d device(s), method %s.",
@@ -589,7 +588,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       **train_record, **evals,
   }
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    write_atomically(os.path.join(workdir, "summary.json"),
+                     json.dumps(summary, indent=2))
   logging.info("Done: %s", json.dumps(summary))
   return summary

@@ -17,6 +17,20 @@ import jax
 from absl import logging
 
 
+def write_atomically(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` whole or not at all (a temporary file, then
+  a rename), so a run killed mid-write leaves the old file or the new one."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp"
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 class MetricWriter:
   """Writes scalar metrics to TensorBoard and to ``metrics.jsonl``."""
 
@@ -43,9 +57,7 @@ class MetricWriter:
             kept.append(line)
         except json.JSONDecodeError:  # The last line, cut short by a kill.
           pass
-    with open(self._path + ".tmp", "w") as f:
-      f.writelines(kept)
-    os.replace(self._path + ".tmp", self._path)
+    write_atomically(self._path, "".join(kept))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self._enabled:
