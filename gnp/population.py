@@ -61,14 +61,14 @@ def check_compatible(configs: Sequence[ml_collections.ConfigDict]) -> None:
   if not configs:
     raise ConfigError("a population needs at least one config.")
   first = structure(configs[0])
-  for i, config in enumerate(configs[1:], 1):
+  for config in configs[1:]:
     other = structure(config)
     differ = sorted(k for k in first.keys() | other.keys()
                     if first.get(k) != other.get(k))
     if differ:
       raise ConfigError(
-          f"config {i} differs from config 0 in {', '.join(differ)}: only the"
-          " seed and the hyper-parameters"
+          f"a member's config differs from the first's in {', '.join(differ)}:"
+          " only the seed and the hyper-parameters"
           f" ({', '.join(train_lib.hyperparameter_keys(configs[0]))}) may"
           " differ between members of a population.")
   seeds = {train_lib.data_seed(c) for c in configs}
@@ -76,8 +76,6 @@ def check_compatible(configs: Sequence[ml_collections.ConfigDict]) -> None:
     raise ConfigError(
         "members of a population share one dataset: set dataset.seed (the"
         " seeds here give different data).")
-  if configs[0].num_steps is not None:
-    raise ConfigError("a population trains whole epochs: unset num_steps.")
 
 
 class Population:
@@ -126,14 +124,16 @@ class Population:
           np.stack([_epoch_indices(c, dataset, epoch, steps)
                     for c in configs]), replicated)
       states, metrics = self._run_epoch(states, self._train_data, indices)
-      means = jax.tree.map(lambda m: np.mean(np.asarray(m), axis=0),
-                           {k: metrics[k] for k in TRAIN_METRICS})
+      metrics = jax.device_get(metrics)  # {name: [steps, members]}
       evals = {split: self._evaluate_split(states, getattr(dataset, split))
                for split in SPLITS if getattr(dataset, split) is not None}
       for i, history in enumerate(histories):
         history["epoch"].append(epoch + 1)
-        for name, values in means.items():
-          history.setdefault(f"train/{name}", []).append(float(values[i]))
+        # As the single run's log: skipped steps stay out of the means.
+        means = train_lib.summarise_steps(
+            {k: v[:, i] for k, v in metrics.items()})
+        for name in TRAIN_METRICS:
+          history.setdefault(f"train/{name}", []).append(means[name])
         for split, sums in evals.items():
           history.setdefault(f"{split}/loss", []).append(
               float(sums["loss"][i] / sums["count"][i]))
@@ -180,7 +180,6 @@ def train(configs: Sequence[ml_collections.ConfigDict], dataset=None, *,
   Raises:
     ConfigError: for configs that cannot be trained together, or invalid.
   """
-  check_compatible(configs)
   return Population(configs[0], dataset).train(configs, on_epoch=on_epoch)
 
 

@@ -182,8 +182,8 @@ def train_step(state: TrainState, batch, *, model, make_tx, unit_schedule,
   ``unit_schedule`` is the learning-rate schedule for a peak of 1: both are
   completed with the hyper-parameters in ``state.hparams``.
 
-  A NaN or Inf in the loss or in the new parameters, optimiser state or
-  batch statistics is never applied. With ``skip_nonfinite`` the step
+  A NaN or Inf in the loss, the gradient, the new parameters or the batch
+  statistics is never applied. With ``skip_nonfinite`` the step
   counts it and moves on to the next batch; otherwise it records the step in
   ``state.nonfinite_step`` and the state stays as it was from then on.
   """
@@ -451,13 +451,17 @@ def create_experiment(config: ml_collections.ConfigDict,
   )
 
 
-def _summarise(metrics: list[dict]) -> dict[str, float]:
-  """Means over the steps whose update was applied; ``skipped`` counts the rest."""
-  applied = np.array([m["nonfinite"] for m in metrics]) == 0
+def summarise_steps(metrics: dict) -> dict[str, float]:
+  """Means of per-step metrics (``{name: [steps]}``) over the applied steps.
+
+  Steps whose update was not applied (``nonfinite``) are left out of the
+  means and counted in ``skipped``.
+  """
+  applied = np.asarray(metrics["nonfinite"]) == 0
   out = {}
-  for name in metrics[0]:
+  for name, values in metrics.items():
     if name != "nonfinite":
-      values = np.array([m[name] for m in metrics])[applied]
+      values = np.asarray(values)[applied]
       out[name] = float(np.mean(values)) if values.size else float("nan")
   out["skipped"] = float(np.sum(~applied))
   return out
@@ -547,7 +551,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if synced:
           _raise_if_nonfinite(state, checkpointer)
         if log:
-          means = _summarise(jax.device_get(pending))
+          means = summarise_steps(
+              jax.tree.map(lambda *m: np.stack(m), *jax.device_get(pending)))
           pending = []
           train_record = {f"train/{k}": v for k, v in means.items()}
           writer.write(step, train_record)  # Timings stay out: runs must diff.

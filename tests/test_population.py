@@ -1,5 +1,6 @@
 """gnp.population: a vmapped population equals its members' single runs."""
 
+import copy
 import json
 import os
 
@@ -21,7 +22,7 @@ def _member(seed, **overrides):
 
 def _single_run(config, workdir):
   """`train_and_evaluate`'s per-epoch records, as a population history."""
-  config = tiny_mnist1d(**{k: v for k, v in _flat(config).items()})
+  config = copy.deepcopy(config)
   config.log_every_steps = train.create_experiment(config).steps_per_epoch
   train.train_and_evaluate(config, workdir)
   by_step = {}
@@ -29,16 +30,6 @@ def _single_run(config, workdir):
     record = json.loads(line)
     by_step.setdefault(record["step"], {}).update(record)
   return [by_step[s] for s in sorted(by_step)], checkpoints.load(workdir)
-
-
-def _flat(config, prefix=""):
-  out = {}
-  for k, v in config.items():
-    if hasattr(v, "items"):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
 
 
 @pytest.mark.parametrize("method,varied", [
