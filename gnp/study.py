@@ -406,9 +406,39 @@ def _seed_entry(seed: int, history: dict) -> dict:
   return entry
 
 
+# Keys a study may change when it resumes from its workdir: how many trials
+# and how they are batched, the final runs (recomputed when they change) and
+# how runs are executed. Anything else would mix trials of two studies.
+RESUMABLE_KEYS = ("tuning.num_trials", "tuning.trials_at_once",
+                  "final.num_seeds", "final.num_epochs", "vectorize")
+
+
+def check_workdir(study: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises UserError if ``workdir`` holds a study other than ``study``."""
+  path = os.path.join(workdir, "study_config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    stored = config_lib.flatten(json.load(f))
+  current = config_lib.flatten(json.loads(study.to_json_best_effort()))
+  changed = sorted(k for k in stored.keys() | current.keys()
+                   if stored.get(k) != current.get(k)
+                   and k not in RESUMABLE_KEYS)
+  if changed:
+    raise UserError(
+        f"workdir {workdir} holds another study (it differs in"
+        f" {', '.join(changed[:3])}{' and more' if len(changed) > 3 else ''});"
+        " use a new --workdir, or the same study to resume (only"
+        f" {', '.join(RESUMABLE_KEYS)} may change).")
+
+
 def run(study: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Tunes, retrains and reports ``study`` in ``workdir``; returns results."""
+  """Tunes, retrains and reports ``study`` in ``workdir``; returns results.
+
+  Resumes what ``workdir`` holds of the same study; refuses another study's.
+  """
   validate(study)
+  check_workdir(study, workdir)
   datasets = {}
 
   def dataset_of(spec):

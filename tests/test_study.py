@@ -16,6 +16,7 @@ from scipy import stats
 
 from gnp import study
 from gnp.errors import ConfigError
+from gnp.errors import UserError
 from tests.helpers import ROOT
 from tests.helpers import run
 from tests.helpers import tiny_study
@@ -256,3 +257,11 @@ def test_a_diverging_trial_is_failed_not_scored(tmp_path):
   assert by_lr[1e30]["state"] == "FAIL" and by_lr[1e30]["value"] is None
   assert by_lr[1e-3]["state"] == "COMPLETE"
   assert results["arms"][0]["best_params"] == {"optimizer.learning_rate": 1e-3}
+
+
+def test_a_workdir_refuses_another_study(finished):
+  workdir, _ = finished
+  before = sorted(os.listdir(workdir))
+  with pytest.raises(UserError, match="holds another study.*train.optimizer.b1"):
+    study.run(tiny_study(**{"train.optimizer.b1": 0.8}), workdir)
+  assert sorted(os.listdir(workdir)) == before
