@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,11 +11,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_config(name: str, arg: str | None = None):
   """``configs/<name>.py``'s ``get_config(arg)``, as gnp.main would load it."""
-  path = os.path.join(ROOT, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  from gnp import study  # pylint: disable=g-import-not-at-top
+
+  return study.load_config(os.path.join(ROOT, "configs", f"{name}.py"), arg)
 
 
 def tiny_mnist1d(**overrides):
