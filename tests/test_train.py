@@ -270,3 +270,22 @@ def test_the_loop_step_on_device_data_equals_the_step_on_a_host_batch():
     assert float(m1["loss"]) == float(m2["loss"])
   for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_an_epoch_of_loop_steps_makes_no_host_transfer():
+  # The loop's steps inside an epoch need nothing from the host and give it
+  # nothing back: under a transfer guard that forbids every host<->device
+  # copy, a whole epoch of steps runs (a transfer would raise).
+  config = tiny_mnist1d(method="sam")
+  exp = train.create_experiment(config)
+  data, indices = exp.train_data(), exp.epoch_indices(0)
+  state = exp.init()
+  state, _ = exp.step_on_device_data(state, data, indices)  # Compiles.
+  with jax.transfer_guard("disallow"):
+    for _ in range(exp.steps_per_epoch - 1):
+      state, metrics = exp.step_on_device_data(state, data, indices)
+    jax.block_until_ready((state, metrics))
+  assert int(state.step) == exp.steps_per_epoch
+  # The guard is real: an implicit copy of a host array is refused.
+  with jax.transfer_guard("disallow"), pytest.raises(Exception, match="host"):
+    exp.step_on_device_data(state, data, np.asarray(indices))
