@@ -159,3 +159,21 @@ def test_command_line_smoke_and_bad_method(tmp_path):
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1].startswith(
       "gnp.bench: error: unknown methods ['adam']")
+
+
+@pytest.mark.slow
+def test_the_resnet_section_runs_in_bfloat16(tmp_path):
+  # The path a GPU run takes (ResNet-18, bfloat16, a refused GNVR row), at
+  # smoke size on whatever backend is here.
+  results = bench.run(models=("resnet18",), methods=("plain", "gnvr_ghost"),
+                      repeats=2, warmup=0, block=1, out=str(tmp_path),
+                      dtype="bfloat16", smoke=True, command="test")
+  (section,) = results["models"]
+  assert section["setting"]["dtype"] == "bfloat16"
+  plain, gnvr = section["rows"]
+  assert plain["status"] == "ok" and len(plain["times_ms"]) == 2
+  assert plain["xla_memory_bytes"] > 0
+  assert plain["target"] == "≥ 30,000 ex/s" and plain["met"] is None
+  assert gnvr["status"] == "n/a" and "BatchNorm" in gnvr["reason"]
+  markdown = open(tmp_path / "bench.md").read()
+  assert "## resnet18, batch 8, bfloat16 (smoke)" in markdown
