@@ -67,7 +67,7 @@ MODELS = ("mlp", "resnet18")
 
 
 class Target(NamedTuple):
-  """A goal from the "Performance" issue, and the setting it is stated for."""
+  """One of gnp's step-cost targets, and the setting it is stated for."""
 
   bound: float
   setting: dict  # backend, batch_size (and dtype) the goal is stated for.
