@@ -103,14 +103,13 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   if not os.path.exists(stored_path):
     return
   with open(stored_path) as f:
-    stored = config_lib.flatten(json.load(f))
-  current = config_lib.flatten(json.loads(config.to_json_best_effort()))
-  changed = sorted(k for k in set(stored) | set(current)
-                   if stored.get(k) != current.get(k)
-                   and k not in config_lib.RESUMABLE_KEYS)
+    stored = json.load(f)
+  changed = config_lib.differences(
+      stored, json.loads(config.to_json_best_effort()),
+      ignore=config_lib.RESUMABLE_KEYS)
   if changed:
-    shown = ", ".join(f"{k}={stored.get(k)!r} there, {current.get(k)!r} here"
-                      for k in changed[:3])
+    shown = ", ".join(f"{k}={there!r} there, {here!r} here"
+                      for k, (there, here) in list(changed.items())[:3])
     more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
     raise UserError(
         f"workdir {workdir} holds a run of a different config ({shown}{more});"

@@ -180,6 +180,18 @@ def flatten(config, prefix="") -> dict:
   return out
 
 
+def differences(a, b, ignore=()) -> dict[str, tuple]:
+  """``{dotted key: (value in a, value in b)}`` where two configs differ.
+
+  ``a`` and ``b`` are ConfigDicts or nested dicts; a key only one of them
+  has is None in the other. Keys in ``ignore`` are left out; the rest come
+  sorted.
+  """
+  a, b = flatten(a), flatten(b)
+  return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
+          if a.get(k) != b.get(k) and k not in ignore}
+
+
 def _fail(message: str):
   raise ConfigError(message)
 

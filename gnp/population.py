@@ -62,9 +62,7 @@ def check_compatible(configs: Sequence[ml_collections.ConfigDict]) -> None:
     raise ConfigError("a population needs at least one config.")
   first = structure(configs[0])
   for config in configs[1:]:
-    other = structure(config)
-    differ = sorted(k for k in first.keys() | other.keys()
-                    if first.get(k) != other.get(k))
+    differ = config_lib.differences(first, structure(config))
     if differ:
       raise ConfigError(
           f"a member's config differs from the first's in {', '.join(differ)}:"

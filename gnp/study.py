@@ -419,11 +419,9 @@ def check_workdir(study: ml_collections.ConfigDict, workdir: str) -> None:
   if not os.path.exists(path):
     return
   with open(path) as f:
-    stored = config_lib.flatten(json.load(f))
-  current = config_lib.flatten(json.loads(study.to_json_best_effort()))
-  changed = sorted(k for k in stored.keys() | current.keys()
-                   if stored.get(k) != current.get(k)
-                   and k not in RESUMABLE_KEYS)
+    stored = json.load(f)
+  changed = list(config_lib.differences(
+      stored, json.loads(study.to_json_best_effort()), ignore=RESUMABLE_KEYS))
   if changed:
     raise UserError(
         f"workdir {workdir} holds another study (it differs in"
