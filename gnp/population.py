@@ -108,7 +108,7 @@ class Population:
       config_lib.validate(config, num_devices=jax.device_count())
     check_compatible([self.exp.config, *configs])
     exp, replicated = self.exp, self._replicated
-    dataset, steps = exp.dataset, exp.steps_per_epoch
+    dataset = exp.dataset
     if self._train_data is None:
       self._train_data = exp.train_data()
 
@@ -119,7 +119,8 @@ class Population:
     histories = [{"epoch": []} for _ in configs]
     for epoch in range(exp.config.num_epochs):
       indices = jax.device_put(
-          np.stack([_epoch_indices(c, dataset, epoch, steps)
+          np.stack([pipeline.epoch_indices(len(dataset.train[1]),
+                                           c.batch_size, c.seed, epoch)
                     for c in configs]), replicated)
       states, metrics = self._run_epoch(states, self._train_data, indices)
       metrics = jax.device_get(metrics)  # {name: [steps, members]}
@@ -149,13 +150,9 @@ class Population:
 
   def _evaluate_split(self, states, arrays) -> dict:
     """Per-member sums of loss, correct predictions and count over a split."""
-    size = self.exp.mesh.size
-    batch_size = size * -(-self.exp.config.eval_batch_size // size)
-    totals = None
-    for batch in pipeline.eval_batches(*arrays, batch_size):
-      sums = self._evaluate(states, jax.device_put(batch, self._replicated))
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    return jax.tree.map(np.asarray, totals)
+    return self.exp.evaluation_sums(
+        states, arrays, eval_fn=self._evaluate,
+        place=lambda batch: jax.device_put(batch, self._replicated))
 
 
 def train(configs: Sequence[ml_collections.ConfigDict], dataset=None, *,
@@ -192,12 +189,3 @@ def _epoch_fn(step_on_device_data, steps: int):
     return jax.lax.scan(body, states, length=steps)
 
   return run_epoch
-
-
-def _epoch_indices(config, dataset, epoch: int, steps: int) -> np.ndarray:
-  """[steps, batch] example indices of ``epoch``, as the single run draws."""
-  num_train = len(dataset.train[1])
-  return np.stack([
-      pipeline.train_indices(num_train, config.batch_size, config.seed, step)
-      for step in range(epoch * steps, (epoch + 1) * steps)
-  ]).astype(np.int32)

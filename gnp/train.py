@@ -340,12 +340,9 @@ class Experiment:
 
   def epoch_indices(self, epoch: int):
     """[steps_per_epoch, batch_size] example indices, split along the batch."""
-    first = epoch * self.steps_per_epoch
-    idx = np.stack([
-        pipeline.train_indices(len(self.dataset.train[0]),
-                               self.config.batch_size, self.config.seed, step)
-        for step in range(first, first + self.steps_per_epoch)
-    ]).astype(np.int32)
+    idx = pipeline.epoch_indices(len(self.dataset.train[0]),
+                                 self.config.batch_size, self.config.seed,
+                                 epoch)
     return _to_device((idx,), NamedSharding(self.mesh, P(None, "data")),
                       axis=1)[0]
 
@@ -356,13 +353,24 @@ class Experiment:
                                  self.config.seed, step)
     return self.batch((x[idx], y[idx]))
 
-  def evaluate(self, state, arrays) -> dict[str, float]:
-    batch_size = self.mesh.size * -(-self.config.eval_batch_size // self.mesh.size)
+  def evaluation_sums(self, state, arrays, *, eval_fn=None, place=None):
+    """Sums of `eval`'s loss, correct predictions and count over ``arrays``.
+
+    ``arrays`` is a split, ``(x, y)`` as numpy. ``eval_fn`` and ``place``
+    stand in for `eval` and `batch` (`gnp.population` passes its vmapped
+    evaluation). The sums come back as numpy.
+    """
+    eval_fn, place = eval_fn or self.eval, place or self.batch
+    size = self.mesh.size
+    batch_size = size * -(-self.config.eval_batch_size // size)
     totals = None
     for batch in pipeline.eval_batches(*arrays, batch_size):
-      sums = self.eval(state, self.batch(batch))
+      sums = eval_fn(state, place(batch))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
+    return jax.device_get(totals)
+
+  def evaluate(self, state, arrays) -> dict[str, float]:
+    totals = self.evaluation_sums(state, arrays)
     return {"loss": float(totals["loss"] / totals["count"]),
             "accuracy": float(totals["correct"] / totals["count"])}
 

@@ -376,6 +376,17 @@ def test_train_indices_match_a_recomputed_permutation_in_any_order():
         expected[within * batch:(within + 1) * batch])
 
 
+def test_epoch_indices_are_the_epochs_train_indices():
+  n, batch, seed = 50, 8, 3  # 6 steps per epoch; 2 examples left out.
+  for epoch in (0, 4):
+    rows = pipeline.epoch_indices(n, batch, seed, epoch)
+    assert rows.shape == (6, batch) and rows.dtype == np.int32
+    for within in range(6):
+      np.testing.assert_array_equal(
+          rows[within],
+          pipeline.train_indices(n, batch, seed, epoch * 6 + within))
+
+
 def test_train_indices_cannot_corrupt_the_cache():
   idx = pipeline.train_indices(20, 5, 0, 0)
   idx[:] = -1

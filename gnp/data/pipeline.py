@@ -70,6 +70,15 @@ def train_indices(num_examples: int, batch_size: int, seed: int,
   return order[start:start + batch_size].copy()
 
 
+def epoch_indices(num_examples: int, batch_size: int, seed: int,
+                  epoch: int) -> np.ndarray:
+  """int32 [steps_per_epoch, batch_size]: row i is `train_indices` of the
+  epoch's step i (the whole epoch's batches at once, for the device)."""
+  steps = steps_per_epoch(num_examples, batch_size)
+  order = _epoch_order(num_examples, seed, epoch)
+  return order[:steps * batch_size].reshape(steps, batch_size).astype(np.int32)
+
+
 # A permutation of 50,000 indices takes about a millisecond; a step takes one
 # slice of it. A few entries cover runs that interleave datasets or seeds.
 @functools.lru_cache(maxsize=4)
