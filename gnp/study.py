@@ -104,11 +104,6 @@ def _nest(flat: dict) -> dict:
   return nested
 
 
-def _flat(nested) -> dict:
-  """The inverse of `_nest`: ``{dotted key: value}``."""
-  return config_lib.flatten(nested)
-
-
 def default_study() -> ml_collections.ConfigDict:
   """Every study key with its default; study configs fill in the rest."""
   c = ml_collections.ConfigDict()
@@ -155,7 +150,7 @@ def arm_config(study: ml_collections.ConfigDict, spec,
                num_epochs: int) -> ml_collections.ConfigDict:
   """The training config of one run of arm ``spec``."""
   config = ml_collections.ConfigDict(study.train.to_dict())
-  config.update_from_flattened_dict(_flat(spec.overrides))
+  config.update_from_flattened_dict(config_lib.flatten(spec.overrides))
   config.update_from_flattened_dict(dict(params or {}))
   config.seed = seed
   if config.dataset.seed is None:
@@ -192,12 +187,13 @@ def validate(study: ml_collections.ConfigDict) -> None:
     if not isinstance(study.final[name], int) or study.final[name] < 1:
       raise ConfigError(f"final.{name} must be a positive integer.")
   for spec in study.arms:
-    for key in (*_flat(spec.overrides), *_flat(spec.search)):
+    search = config_lib.flatten(spec.search)
+    for key in (*config_lib.flatten(spec.overrides), *search):
       try:
         config_lib.check_key(key)
       except ConfigError as e:
         raise ConfigError(f"arm {spec.name!r}: {e}") from None
-    for key, value in _flat(spec.search).items():
+    for key, value in search.items():
       _distribution(spec.name, key, value)
     config = arm_config(study, spec, _sample_point(spec), seed=study.seed,
                         num_epochs=study.tuning.num_epochs)
@@ -234,7 +230,7 @@ def _distribution(arm_name, key, spec) -> optuna.distributions.BaseDistribution:
 def _sample_point(spec) -> dict:
   """A point of the search space (its low ends), to validate the config."""
   point = {}
-  for key, value in _flat(spec.search).items():
+  for key, value in config_lib.flatten(spec.search).items():
     dist = _distribution(spec.name, key, value)
     point[key] = (dist.choices[0] if hasattr(dist, "choices") else dist.low)
   return point
@@ -333,7 +329,7 @@ def tune(study, spec, workdir: str, dataset, populations) -> optuna.Study:
       probe.tell(t.number, state=optuna.trial.TrialState.FAIL)
       probe.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
   distributions = {k: _distribution(spec.name, k, v)
-                   for k, v in _flat(spec.search).items()}
+                   for k, v in config_lib.flatten(spec.search).items()}
   while True:
     done = len(_finished(probe.trials))
     remaining = study.tuning.num_trials - done
@@ -464,13 +460,11 @@ def run(study: ml_collections.ConfigDict, workdir: str) -> dict:
       if best is None:
         raise UserError(f"arm {spec.name!r}: every tuning trial diverged.")
       entry["best_params"], entry["best_value"] = best.params, best.value
-      for t in optuna_study.trials:
-        if t.state == optuna.trial.TrialState.COMPLETE or t.user_attrs.get(
-            "diverged"):
-          entry["trials"].append({
-              "number": t.number, "params": t.params, "value": t.value,
-              "state": t.state.name, "history": t.user_attrs["history"]})
-          tuning_time += t.user_attrs["train_time_s"]
+      for t in _finished(optuna_study.trials):
+        entry["trials"].append({
+            "number": t.number, "params": t.params, "value": t.value,
+            "state": t.state.name, "history": t.user_attrs["history"]})
+        tuning_time += t.user_attrs["train_time_s"]
     final = retrain(study, spec, entry["best_params"], workdir, dataset,
                     populations)
     entry["seeds"] = final["seeds"]
