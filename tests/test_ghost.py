@@ -362,3 +362,113 @@ def test_examples_off_the_leading_axis_are_refused():
                              None)
   with pytest.raises(ValueError, match=r"shape \(3, 4\).*leading axis"):
     ghost.analyze(loss_fn, params, x, None)
+
+
+# A layer's parameters as loss_fn hands them to the layer: each variant
+# rewrites the params tree inside loss_fn. Square hidden layers (4 -> 4 -> 4)
+# so that kernels can be transposed or shared.
+def _rewrite(name, p):
+  p = jax.tree.map(lambda x: x, p)  # A copy of the dicts, the same leaves.
+  first, second = p["Dense_0"], p["Dense_1"]
+  if name == "scaled_kernel":  # The reported bug: kernel scaled, bias not.
+    first["kernel"] = 2 * first["kernel"]
+  elif name == "scaled_bias":
+    first["bias"] = 2 * first["bias"]
+  elif name == "transposed_kernel":
+    first["kernel"] = first["kernel"].T
+  elif name == "sliced_kernel":  # A slice of a wider parameter.
+    first["kernel"] = p.pop("wide")[:, :4]
+  elif name == "cast_kernel":
+    first["kernel"] = first["kernel"].astype(jnp.float32).astype(
+        first["kernel"].dtype)
+  elif name == "constant_kernel":
+    first["kernel"] = jnp.ones_like(first["kernel"])
+  elif name == "tied_transposed":  # One leaf, used plainly and transposed.
+    second["kernel"] = first["kernel"].T
+  elif name == "shared_bias_transformed_kernel":
+    second["bias"], second["kernel"] = first["bias"], 3 * second["kernel"]
+  elif name == "shared_kernel":  # Supported: the same leaf in two layers.
+    second["kernel"] = first["kernel"]
+  elif name == "shared_bias":
+    second["bias"] = first["bias"]
+  elif name == "leaf_elsewhere":  # Supported: a leaf from another subtree.
+    first["kernel"] = p.pop("wide")
+  p.pop("wide", None)
+  return p
+
+
+def rewritten(name, seed=0):
+  model = MLP((4, 4, 3), activation=jnp.tanh)
+  rng = np.random.default_rng(seed)
+  dtype = jnp.result_type(float)
+  x = jnp.asarray(rng.normal(size=(5, 4)), dtype)
+  y = jnp.asarray(rng.integers(0, 3, 5))
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+  params = jax.tree.map(
+      lambda s: jnp.asarray(rng.normal(size=s.shape), dtype) / 2, shapes)
+  width = 6 if name == "sliced_kernel" else 4
+  params["wide"] = jnp.asarray(rng.normal(size=(4, width)), dtype) / 2
+
+  def loss_fn(p, batch, key):
+    del key
+    logits = model.apply({"params": _rewrite(name, p)}, batch[0])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]), None
+
+  return loss_fn, params, (x, y)
+
+
+# variant -> what the refusal names: the parameter reaching the losses
+# outside a supported layer, and the layer that does not take it as given.
+TRANSFORMED = {
+    "scaled_kernel": r"'Dense_0/bias' \(of Dense at 'Dense_0', whose kernel "
+                     r"is not a parameter leaf as given\); 'Dense_0/kernel'",
+    "scaled_bias": r"'Dense_0/bias'; 'Dense_0/kernel' \(of Dense at 'Dense_0',"
+                   r" whose bias is",
+    "transposed_kernel": r"'Dense_0/bias' \(of Dense at 'Dense_0', whose "
+                         r"kernel.*'Dense_0/kernel'",
+    "sliced_kernel": r"'Dense_0/bias' \(of Dense.*'wide'",
+    "cast_kernel": r"'Dense_0/bias' \(of Dense.*'Dense_0/kernel'",
+    "constant_kernel": r"'Dense_0/bias' \(of Dense at 'Dense_0', whose kernel",
+    "tied_transposed": r"'Dense_0/kernel'.*'Dense_1/bias' \(of Dense at "
+                       r"'Dense_1', whose kernel",
+    "shared_bias_transformed_kernel": r"'Dense_0/bias' \(of Dense at "
+                                      r"'Dense_1'.*'Dense_1/kernel'",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMED))
+def test_a_layer_given_a_transformed_parameter_is_refused(name, x64):
+  loss_fn, params, batch = rewritten(name)
+  with pytest.raises(ghost.UnsupportedModelError, match=TRANSFORMED[name]):
+    ghost.analyze(loss_fn, params, batch, None)
+  with pytest.raises(ghost.UnsupportedModelError):
+    ghost.per_example_norms(loss_fn, params, batch, None)
+
+
+def test_auto_gives_the_exact_norms_of_a_scaled_kernel(x64):
+  # Before the fix, "auto" took the ghost path here and missed the kernel's
+  # gradient (norms 1.51, 1.80, ... against 2.76, 2.11, ...).
+  loss_fn, params, batch = rewritten("scaled_kernel")
+  auto, vmap = jax.jit(lambda p: [
+      f(loss_fn, p, batch, None)[2]
+      for f in (gnvr.auto_per_example_norms, gnvr.vmap_per_example_norms)],
+                       compiler_options=FAST_COMPILE)(params)
+  np.testing.assert_allclose(auto, vmap, rtol=1e-12)
+  # An independent reference: the Jacobian of the losses, row by row.
+  jacobian = jax.jacrev(lambda p: loss_fn(p, batch, None)[0])(params)
+  rows = jnp.concatenate([j.reshape(5, -1) for j in jax.tree.leaves(jacobian)],
+                         axis=1)
+  np.testing.assert_allclose(auto, jnp.linalg.norm(rows, axis=1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["shared_kernel", "shared_bias",
+                                  "leaf_elsewhere"])
+def test_a_leaf_shared_between_layers_is_exact(name, x64):
+  loss_fn, params, batch = rewritten(name)
+  calls = ghost.analyze(loss_fn, params, batch, None)
+  assert [call.path for call in calls] == ["Dense_0", "Dense_1", "Dense_2"]
+  ghosts, vmap = jax.jit(lambda p: [
+      f(loss_fn, p, batch, None)[2]
+      for f in (ghost.per_example_norms, gnvr.vmap_per_example_norms)],
+                         compiler_options=FAST_COMPILE)(params)
+  np.testing.assert_allclose(ghosts, vmap, rtol=1e-11)

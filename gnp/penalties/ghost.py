@@ -89,8 +89,8 @@ class UnsupportedModelError(errors.UserError, ValueError):
 class LayerCall:
   """One call of a supported layer in the traced loss, found by `analyze`.
 
-  ``kernel`` and ``bias`` index ``jax.tree.leaves(params)`` (None when the
-  layer has no bias, or uses a value that is not a parameter, a constant).
+  ``kernel`` and ``bias`` index ``jax.tree.leaves(params)`` (``bias`` None
+  when the layer has none).
   """
 
   path: str
@@ -143,12 +143,22 @@ def _check_not_batch_norm_in_training(module, args, kwargs) -> None:
 
 
 def _layer_leaves(module, index: dict[int, int]):
-  """(kernel, bias) leaf indices of a supported layer's parameters, or None
-  when neither is a leaf of params (a constant layer, or transformed ones)."""
+  """(kernel, bias) leaf indices of a supported layer's parameters (bias None
+  for a layer without one), or None unless every one of them is a leaf of
+  params, unchanged.
+
+  A layer whose kernel is, say, ``2 * params[...]["kernel"]`` while its bias
+  is a leaf must not count as supported: its stand-in would hide the
+  kernel's use, and the norms would miss the kernel's gradient. With None
+  the layer runs as it is, and `analyze` reports its parameters as used
+  elsewhere.
+  """
   variables = module.variables.get("params", {})
-  kernel = index.get(id(variables.get("kernel")))
-  bias = index.get(id(variables.get("bias")))
-  return None if kernel is None and bias is None else (kernel, bias)
+  leaves = {name: index.get(id(variables[name]))
+            for name in ("kernel", "bias") if name in variables}
+  if not leaves or None in leaves.values():
+    return None
+  return leaves.get("kernel"), leaves.get("bias")
 
 
 def _layer_input(args, kwargs):
@@ -217,10 +227,17 @@ def analyze(loss_fn: _base.LossFn, params, batch, key) -> tuple[LayerCall, ...]:
     kind = _kind(module)
     leaves = _layer_leaves(module, index) if kind else None
     if leaves is None:
-      for value in module.variables.get("params", {}).values():
+      variables = module.variables.get("params", {})
+      owner = f"{type(module).__name__} at '{_module_path(module)}'"
+      if kind:
+        transformed = [name for name, value in variables.items()
+                       if id(value) not in index]
+        owner += (f", whose {' and '.join(transformed)} "
+                  f"{'is' if len(transformed) == 1 else 'are'} not a "
+                  "parameter leaf as given")
+      for value in variables.values():
         if id(value) in index:
-          owners[index[id(value)]] = (
-              f"{type(module).__name__} at '{_module_path(module)}'")
+          owners[index[id(value)]] = owner
       return next_fun(*args, **kwargs)
     x = _layer_input(args, kwargs)
     y = next_fun(*args, **kwargs)
