@@ -8,7 +8,9 @@ loss and validation accuracy per epoch, mean ± std band per arm). A missing
 or malformed ``results.json`` exits with status 1 and one line saying why.
 
 The same is importable: `write(results, workdir)`, `table(results)`,
-`plot(results, path)`, and `summarize(results)` for the numbers themselves.
+`plot(results, path)` (`figure(results)` for the Figure itself), and the
+numbers behind them: `summarize(results)` for the table, `curves(results)`
+for the plot.
 """
 
 import json
@@ -64,9 +66,13 @@ def _check(results):
 
 
 def _finals(arm, key):
-  """{seed: last epoch's value of `key`} over the seeds that logged it."""
+  """{seed: last epoch's value of `key`} over the seeds that logged it.
+
+  In seed order, not listing order, so `summarize`'s ``values`` line up with
+  its sorted ``seeds`` however results.json happens to list them.
+  """
   finals = {}
-  for seed in arm.get("seeds", []):
+  for seed in sorted(arm.get("seeds", []), key=lambda s: s["seed"]):
     history = seed["history"].get(key)
     if history:
       finals[seed["seed"]] = math.nan if history[-1] is None else float(
@@ -105,9 +111,9 @@ def summarize(results):
   Returns one dict per arm with ``name``, ``description``, ``seeds`` (sorted
   seed values), ``num_seeds``, ``missing_seeds`` (seeds other arms have and
   this one lacks), ``metrics`` ({key in METRICS: {"values", "mean", "std"}},
-  final-epoch values as fractions; mean None without values, std None with
-  fewer than two), ``best_params``, ``best_value``, ``trials_complete``,
-  ``trials_failed`` and ``paired``: None for the first arm, otherwise
+  final-epoch values as fractions in seed order; mean None without values,
+  std None with fewer than two), ``best_params``, ``best_value``,
+  ``trials_complete``, ``trials_failed`` and ``paired``: None for the first arm, otherwise
   {"metric", "seeds", "n", "unpaired_seeds", "mean", "half_width", "low",
   "high"} for arm − first arm on common seeds (t interval None if n < 2).
   """
@@ -211,8 +217,13 @@ def table(results):
   return "\n".join(lines) + "\n"
 
 
-def _curve(arm, key):
-  """Epochs, mean and std over seeds, cut to the shortest seed's history."""
+def _curve(arm, key, scale):
+  """One arm's line and band, or None if no seed logged `key`.
+
+  Seeds can stop at different epochs (a run cut short); averaging only the
+  epochs every seed reached keeps the mean from jumping where one drops out.
+  A None entry (a diverged evaluation) stays NaN so the gap shows.
+  """
   histories = [s["history"] for s in arm.get("seeds", [])
                if s["history"].get(key)]
   if not histories:
@@ -221,12 +232,24 @@ def _curve(arm, key):
   values = np.array([[math.nan if v is None else v for v in h[key][:length]]
                      for h in histories], dtype=np.float64)
   epochs = histories[0].get("epoch", list(range(1, length + 1)))[:length]
+  mean = values.mean(axis=0)
   std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(length)
-  return np.asarray(epochs), values.mean(axis=0), std
+  return {"name": str(arm["name"]), "epochs": np.asarray(epochs),
+          "mean": mean * scale, "low": (mean - std) * scale,
+          "high": (mean + std) * scale}
 
 
-def plot(results, path):
-  """Writes training loss and validation (or test) accuracy per epoch."""
+def curves(results):
+  """What `plot` draws, as numbers, so a test can check them.
+
+  Returns two panels, training loss then accuracy: validation accuracy, or
+  test accuracy when any seed lacks a validation split. Each panel is a dict
+  with ``key`` (the history key), ``title``, ``ylabel`` and ``arms``: one
+  dict per arm that logged the key, in arm order, with ``name``, ``color``
+  (the same for an arm in both panels), ``epochs``, and ``mean``, ``low``
+  and ``high`` (mean ∓ sample std over seeds, zero band for one seed) as
+  drawn: accuracies in percent. All seeds are cut to the shortest history.
+  """
   _check(results)
   arms = results["arms"]
   has_validation = all(s["history"].get("validation/accuracy")
@@ -235,27 +258,45 @@ def plot(results, path):
   panels = [("train/cross_entropy", 1.0, "Training loss", "cross-entropy"),
             (accuracy, 100.0, "Validation accuracy" if has_validation else
              "Test accuracy (no validation split)", "accuracy (%)")]
-  fig = Figure(figsize=(10, 4), dpi=120)  # No pyplot: no global state.
-  axes = fig.subplots(1, 2)
-  for ax, (key, scale, title, ylabel) in zip(axes, panels):
+  out = []
+  for key, scale, title, ylabel in panels:
+    drawn = []
     for i, arm in enumerate(arms):
-      curve = _curve(arm, key)
-      if curve is None:
-        continue
-      epochs, mean, std = curve
-      color = f"C{i % 10}"
-      ax.plot(epochs, mean * scale, color=color, label=str(arm["name"]))
-      ax.fill_between(epochs, (mean - std) * scale, (mean + std) * scale,
-                      color=color, alpha=0.2, linewidth=0)
-    ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+      curve = _curve(arm, key, scale)
+      if curve is not None:
+        drawn.append({**curve, "color": f"C{i % 10}"})
+    out.append({"key": key, "title": title, "ylabel": ylabel, "arms": drawn})
+  return out
+
+
+def figure(results):
+  """The matplotlib Figure of `curves(results)`: a line and band per arm."""
+  panels = curves(results)
+  # No pyplot: no global state. Constrained layout makes room for the legend
+  # below the panels, where it cannot hide a curve.
+  fig = Figure(figsize=(10, 4.5), dpi=120, layout="constrained")
+  legend = {}
+  for ax, panel in zip(fig.subplots(1, 2), panels):
+    for arm in panel["arms"]:
+      (line,) = ax.plot(arm["epochs"], arm["mean"], color=arm["color"],
+                        label=arm["name"])
+      ax.fill_between(arm["epochs"], arm["low"], arm["high"],
+                      color=arm["color"], alpha=0.2, linewidth=0)
+      legend.setdefault(arm["name"], line)
+    ax.set(title=panel["title"], xlabel="epoch", ylabel=panel["ylabel"])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend()
+  if legend:
+    fig.legend(legend.values(), legend.keys(), loc="outside lower center",
+               ncols=min(len(legend), 6), frameon=False)
   fig.suptitle(f"Study: {results.get('study', '')} (mean ± std over seeds)")
-  fig.tight_layout()
+  return fig
+
+
+def plot(results, path):
+  """Writes `figure(results)` to `path` as a PNG."""
   # No "Software" entry, so the same results give the same bytes.
-  fig.savefig(path, format="png", metadata={"Software": None})
+  figure(results).savefig(path, format="png", metadata={"Software": None})
 
 
 def write(results, workdir):

@@ -178,6 +178,126 @@ def test_plot_is_a_deterministic_png(tmp_path):
   assert data == (tmp_path / "b.png").read_bytes()
 
 
+def _shuffled_results():
+  """Seeds listed out of order; "other" lacks seed 2, a middle seed."""
+  finals = {"reference": {3: 0.71, 0: 0.80, 2: 0.77, 1: 0.74},
+            "other": {1: 0.79, 3: 0.73, 0: 0.83}}
+  return finals, {"arms": [
+      {"name": name, "seeds": [
+          {"seed": seed, "history": {"test/accuracy": [acc - 0.1, acc]}}
+          for seed, acc in accs.items()]}
+      for name, accs in finals.items()]}
+
+
+def test_paired_difference_pairs_by_seed_not_by_position():
+  finals, results = _shuffled_results()
+  rows = report.summarize(results)
+  common = [0, 1, 3]
+  mine = [finals["other"][s] for s in common]
+  base = [finals["reference"][s] for s in common]
+  ci = stats.ttest_rel(mine, base).confidence_interval(0.95)
+  paired = rows[1]["paired"]
+  assert (paired["seeds"], paired["n"], paired["unpaired_seeds"]) == (
+      common, 3, [2])
+  np.testing.assert_allclose(
+      [paired["mean"], paired["low"], paired["high"]],
+      [np.mean(np.subtract(mine, base)), ci.low, ci.high], rtol=1e-10)
+  # Listing order changes nothing a reader sees.
+  assert [r["seeds"] for r in rows] == [[0, 1, 2, 3], [0, 1, 3]]
+  assert rows[1]["missing_seeds"] == [2]
+  for arm in results["arms"]:
+    arm["seeds"].sort(key=lambda s: s["seed"])
+  assert report.summarize(results) == rows
+  for row in rows:
+    values = np.array(list(finals[row["name"]].values()))
+    stat = row["metrics"]["test/accuracy"]
+    np.testing.assert_allclose([stat["mean"], stat["std"]],
+                               [values.mean(), values.std(ddof=1)],
+                               rtol=1e-12)
+  cells = _row(report.table(results), "other")
+  assert cells[6] == "3 (lacks seed 2)"
+  diff = np.mean(np.subtract(mine, base)) * 100
+  assert cells[8] == (f"{diff:+.2f} [{ci.low * 100:+.2f},"
+                      f" {ci.high * 100:+.2f}] (n=3)")
+
+
+def _ragged_results(validation=True):
+  """Seeds that stop at different epochs, a None value, a one-seed arm."""
+  rng = np.random.default_rng(0)
+  def seed(number, epochs):
+    history = {"epoch": list(range(1, epochs + 1))}
+    for key in ("train/cross_entropy", "validation/accuracy",
+                "test/accuracy"):
+      history[key] = rng.uniform(0.2, 0.9, epochs).tolist()
+    return {"seed": number, "history": history}
+  ragged = [seed(0, 5), seed(1, 4), seed(2, 6)]
+  ragged[2]["history"]["validation/accuracy"][1] = None  # Epoch 2 diverged.
+  if not validation:
+    del ragged[1]["history"]["validation/accuracy"]
+  return {"study": "ragged", "arms": [
+      {"name": "ragged", "seeds": ragged},
+      {"name": "single", "seeds": [seed(7, 3)]}]}
+
+
+def _expected_curve(arm, key, scale):
+  """Mean and mean ± sample std over seeds, written out with numpy."""
+  histories = [s["history"][key] for s in arm["seeds"]]
+  length = min(map(len, histories))
+  x = np.array([h[:length] for h in histories], dtype=np.float64)  # None→nan
+  mean = x.sum(axis=0) / len(x)
+  std = (np.sqrt(((x - mean) ** 2).sum(axis=0) / (len(x) - 1)) if len(x) > 1
+         else np.zeros(length))
+  return (np.arange(1, length + 1), mean * scale, (mean - std) * scale,
+          (mean + std) * scale)
+
+
+@pytest.mark.parametrize("validation", [True, False])
+def test_curves_are_mean_and_std_band_over_seeds(validation):
+  results = _ragged_results(validation)
+  panels = report.curves(results)
+  accuracy = "validation/accuracy" if validation else "test/accuracy"
+  assert [(p["key"], p["title"], p["ylabel"]) for p in panels] == [
+      ("train/cross_entropy", "Training loss", "cross-entropy"),
+      (accuracy, "Validation accuracy" if validation else
+       "Test accuracy (no validation split)", "accuracy (%)")]
+  for panel, scale in zip(panels, [1, 100]):
+    assert [a["name"] for a in panel["arms"]] == ["ragged", "single"]
+    for arm, drawn in zip(results["arms"], panel["arms"]):
+      expected = _expected_curve(arm, panel["key"], scale)
+      for name, want in zip(["epochs", "mean", "low", "high"], expected):
+        np.testing.assert_allclose(drawn[name], want, rtol=1e-12,
+                                   err_msg=f"{panel['key']} {name}")
+  ragged, single = panels[1]["arms"]
+  assert len(ragged["mean"]) == 4  # Cut to seed 1's four epochs.
+  assert np.isnan(ragged["mean"][1]) == validation  # The None, as a gap.
+  np.testing.assert_array_equal(single["low"], single["high"])
+
+
+@pytest.mark.parametrize("make", [_results, _ragged_results])
+def test_figure_draws_exactly_the_curves(make):
+  results = make()
+  panels = report.curves(results)
+  fig = report.figure(results)
+  assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+      a["name"] for a in panels[0]["arms"]]
+  for ax, panel in zip(fig.axes, panels):
+    assert (ax.get_title(), ax.get_ylabel()) == (panel["title"],
+                                                 panel["ylabel"])
+    assert len(ax.lines) == len(ax.collections) == len(panel["arms"])
+    for line, band, arm in zip(ax.lines, ax.collections, panel["arms"]):
+      np.testing.assert_array_equal(line.get_xdata(), arm["epochs"])
+      np.testing.assert_array_equal(line.get_ydata(), arm["mean"])
+      vertices = np.concatenate([p.vertices for p in band.get_paths()])
+      assert set(vertices[:, 0]) <= set(arm["epochs"])
+      for epoch, low, high in zip(arm["epochs"], arm["low"], arm["high"]):
+        ys = vertices[vertices[:, 0] == epoch, 1]
+        if np.isnan(low):  # fill_between leaves a gap at NaN.
+          assert not ys.size
+        else:
+          np.testing.assert_allclose([ys.min(), ys.max()], [low, high],
+                                     rtol=1e-12)
+
+
 def test_bad_schema_is_a_user_error_before_writing(tmp_path):
   results = _results()
   results["arms"][1]["seeds"].append(copy.deepcopy(
