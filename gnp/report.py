@@ -113,9 +113,10 @@ def summarize(results):
   this one lacks), ``metrics`` ({key in METRICS: {"values", "mean", "std"}},
   final-epoch values as fractions in seed order; mean None without values,
   std None with fewer than two), ``best_params``, ``best_value``,
-  ``trials_complete``, ``trials_failed`` and ``paired``: None for the first arm, otherwise
-  {"metric", "seeds", "n", "unpaired_seeds", "mean", "half_width", "low",
-  "high"} for arm − first arm on common seeds (t interval None if n < 2).
+  ``trials_complete``, ``trials_failed`` and ``paired``: None for the first
+  arm, otherwise {"metric", "seeds", "n", "unpaired_seeds", "mean",
+  "half_width", "low", "high"} for arm − first arm on common seeds (t
+  interval None if n < 2).
   """
   _check(results)
   arms = results["arms"]
