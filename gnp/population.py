@@ -146,6 +146,7 @@ class Population:
     for history, step in zip(histories, np.asarray(states.nonfinite_step)):
       if step >= 0:
         history["diverged"] = f"NaN or Inf in the loss or update at step {step}"
+        history["diverged_epoch"] = -(-int(step) // exp.steps_per_epoch)
     return histories, states
 
   def _evaluate_split(self, states, arrays) -> dict:

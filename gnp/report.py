@@ -7,6 +7,12 @@ arm, paired by seed, with a 95% t interval) and ``DIR/curves.png`` (training
 loss and validation accuracy per epoch, mean ± std band per arm). A missing
 or malformed ``results.json`` exits with status 1 and one line saying why.
 
+A seed's run that diverged or collapsed (`failures` defines both) is never
+averaged silently: each arm counts its failed runs, the table lists them
+(arm, seed, epoch, reason) under it, and they are left out of the means,
+intervals and curves unless ``--include_failed`` (or the study's
+``include_failed``) puts them back in.
+
 The same is importable: `write(results, workdir)`, `table(results)`,
 `plot(results, path)` (`figure(results)` for the Figure itself), and the
 numbers behind them: `summarize(results)` for the table, `curves(results)`
@@ -42,6 +48,8 @@ def _check(results):
   arms = results.get("arms") if isinstance(results, dict) else None
   if not isinstance(arms, list) or not arms:
     raise UserError("results has no 'arms' (a non-empty list)")
+  if not isinstance(results.get("include_failed", False), bool):
+    raise UserError("'include_failed' must be true or false")
   wall = results.get("wall_time_s") or {}
   if not isinstance(wall, dict) or not all(
       isinstance(v, (int, float)) for v in wall.values()):
@@ -65,14 +73,17 @@ def _check(results):
       raise UserError(f"arm {arm['name']!r} repeats a seed: {values}")
 
 
-def _finals(arm, key):
-  """{seed: last epoch's value of `key`} over the seeds that logged it.
+def _finals(arm, key, skip=()):
+  """{seed: last epoch's value of `key`} over the seeds that logged it,
+  leaving out the seeds in ``skip``.
 
   In seed order, not listing order, so `summarize`'s ``values`` line up with
   its sorted ``seeds`` however results.json happens to list them.
   """
   finals = {}
   for seed in sorted(arm.get("seeds", []), key=lambda s: s["seed"]):
+    if seed["seed"] in skip:
+      continue
     history = seed["history"].get(key)
     if history:
       finals[seed["seed"]] = math.nan if history[-1] is None else float(
@@ -87,15 +98,17 @@ def _mean_std(values):
           "std": float(values.std(ddof=1)) if values.size > 1 else None}
 
 
-def _paired(arm, reference):
-  """Per-seed differences arm − reference on the seeds both have."""
+def _paired(arm, reference, skip=()):
+  """Per-seed differences arm − reference on the seeds both have, leaving
+  out the seeds in ``skip`` (failed in either arm)."""
   mine = _finals(arm, PAIRED_METRIC)
   theirs = _finals(reference, PAIRED_METRIC)
-  common = sorted(set(mine) & set(theirs))
+  common = sorted((set(mine) & set(theirs)) - set(skip))
   diffs = np.array([mine[k] - theirs[k] for k in common], dtype=np.float64)
   n = len(common)
   out = {"metric": PAIRED_METRIC, "seeds": common, "n": n,
          "unpaired_seeds": sorted(set(mine) ^ set(theirs)),
+         "excluded_seeds": sorted((set(mine) & set(theirs)) & set(skip)),
          "mean": float(diffs.mean()) if n else None,
          "half_width": None, "low": None, "high": None}
   if n >= 2:  # One difference says nothing about its own spread.
@@ -105,37 +118,117 @@ def _paired(arm, reference):
   return out
 
 
-def summarize(results):
+# A seed's run that collapsed lost more than half of its arm's typical gain
+# over chance, and at least this much accuracy against the arm's median.
+COLLAPSE_MARGIN = 0.05
+
+
+def _accuracy_key(results) -> str:
+  """validation/accuracy where every seed of every arm recorded it, else
+  test/accuracy (the plot's rule too)."""
+  has_validation = all(s["history"].get("validation/accuracy")
+                       for arm in results["arms"] for s in arm.get("seeds", []))
+  return "validation/accuracy" if has_validation else "test/accuracy"
+
+
+def failures(results) -> dict[str, dict[int, dict]]:
+  """The failed final runs: ``{arm name: {seed: {"epoch", "reason"}}}``.
+
+  A seed's run failed when
+  - it **diverged**: a NaN or Inf loss or update stopped it (``diverged`` in
+    its results entry; its later epochs are the frozen last good state, not
+    training), or a final metric is NaN or missing where others have it;
+  - it **collapsed**: its final accuracy a (validation accuracy where every
+    run has a validation split, else test accuracy) is below
+    c + (m − c) / 2 and at least `COLLAPSE_MARGIN` below m, where m is the
+    median final accuracy of the arm's seeds that did not diverge and c is
+    chance, 1 / ``num_classes`` (0 where results.json does not say). It lost
+    more than half of the arm's typical gain over chance. An arm whose
+    seeds mostly fail to learn has m near c, and none of them counts as
+    collapsed: the arm's mean says so itself.
+  """
+  _check(results)
+  key = _accuracy_key(results)
+  classes = results.get("num_classes")
+  chance = 1.0 / classes if isinstance(classes, int) and classes > 0 else 0.0
+  out = {}
+  for arm in results["arms"]:
+    failed = {}
+    for seed in arm.get("seeds", []):
+      history = seed["history"]
+      if "diverged" in seed:
+        epoch = seed.get("diverged_epoch") or len(history.get("epoch", []))
+        failed[seed["seed"]] = {"epoch": epoch,
+                                "reason": f"diverged: {seed['diverged']}"}
+        continue
+      for name in METRICS:
+        values = history.get(name)
+        if values and (values[-1] is None or not math.isfinite(values[-1])):
+          failed[seed["seed"]] = {
+              "epoch": len(values), "reason": f"non-finite final {name}"}
+          break
+    accuracies = _finals(arm, key, skip=failed)
+    if accuracies:
+      median = float(np.median(list(accuracies.values())))
+      for seed, value in accuracies.items():
+        if (value < chance + (median - chance) / 2
+            and median - value >= COLLAPSE_MARGIN):
+          epochs = len(next(s for s in arm["seeds"]
+                            if s["seed"] == seed)["history"][key])
+          failed[seed] = {"epoch": epochs, "reason": (
+              f"collapsed: {key} {value:.1%} against the arm's median"
+              f" {median:.1%} (chance {chance:.1%})")}
+    out[str(arm["name"])] = dict(sorted(failed.items()))
+  return out
+
+
+def summarize(results, include_failed=None):
   """Per-arm numbers behind the table, in arm order.
+
+  Failed runs (`failures`) are left out of every mean, std and interval
+  unless ``include_failed`` (default: ``results["include_failed"]``, else
+  False) says otherwise; either way each row lists them under ``failed``.
 
   Returns one dict per arm with ``name``, ``description``, ``seeds`` (sorted
   seed values), ``num_seeds``, ``missing_seeds`` (seeds other arms have and
   this one lacks), ``metrics`` ({key in METRICS: {"values", "mean", "std"}},
   final-epoch values as fractions in seed order; mean None without values,
   std None with fewer than two), ``best_params``, ``best_value``,
-  ``trials_complete``, ``trials_failed`` and ``paired``: None for the first
-  arm, otherwise {"metric", "seeds", "n", "unpaired_seeds", "mean",
-  "half_width", "low", "high"} for arm − first arm on common seeds (t
-  interval None if n < 2).
+  ``trials_complete``, ``trials_failed``, ``failed`` ({seed: {"epoch",
+  "reason"}}), ``include_failed`` and ``paired``: None for the first arm,
+  otherwise {"metric", "seeds", "n", "unpaired_seeds", "excluded_seeds"
+  (common seeds left out as failed in either arm), "mean", "half_width",
+  "low", "high"} for arm − first arm on common seeds (t interval None if
+  n < 2).
   """
   _check(results)
+  if include_failed is None:
+    include_failed = bool(results.get("include_failed", False))
   arms = results["arms"]
+  failed = failures(results)
+  skipped = {name: () if include_failed else set(f)
+             for name, f in failed.items()}
   all_seeds = {s["seed"] for arm in arms for s in arm.get("seeds", [])}
+  reference = str(arms[0]["name"])
   rows = []
   for i, arm in enumerate(arms):
+    name = str(arm["name"])
     seeds = sorted(s["seed"] for s in arm.get("seeds", []))
     states = [t.get("state") for t in arm.get("trials", [])]
     rows.append({
-        "name": str(arm["name"]), "description": arm.get("description", ""),
+        "name": name, "description": arm.get("description", ""),
         "seeds": seeds, "num_seeds": len(seeds),
         "missing_seeds": sorted(all_seeds - set(seeds)),
-        "metrics": {key: _mean_std(list(_finals(arm, key).values()))
+        "metrics": {key: _mean_std(list(_finals(arm, key,
+                                                skipped[name]).values()))
                     for key in METRICS},
         "best_params": dict(arm.get("best_params") or {}),
         "best_value": arm.get("best_value"),
         "trials_complete": states.count("COMPLETE"),
         "trials_failed": states.count("FAIL"),
-        "paired": None if i == 0 else _paired(arm, arms[0]),
+        "failed": failed[name], "include_failed": include_failed,
+        "paired": None if i == 0 else _paired(
+            arm, arms[0], set(skipped[name]) | set(skipped[reference])),
     })
   return rows
 
@@ -176,11 +269,13 @@ def _cell(text):
   return str(text).replace("|", r"\|").replace("\n", " ")
 
 
-def table(results):
-  """The GitHub-markdown table of `summarize(results)`, with a footer line."""
-  rows = summarize(results)
+def table(results, include_failed=None):
+  """The GitHub-markdown table of `summarize(results)`, with a footer line
+  and, where runs failed, the list of them."""
+  rows = summarize(results, include_failed)
   header = ["Arm", "Test acc. (%)", "Val. acc. (%)", "Val. loss",
-            "Train loss", "Test loss", "Seeds", "Best hyper-parameters",
+            "Train loss", "Test loss", "Seeds", "Failed",
+            "Best hyper-parameters",
             f"Δ test acc. vs {rows[0]['name']} (pp, 95% CI)"]
   lines = [f"# Study: {_cell(results.get('study', ''))}", "",
            "| " + " | ".join(_cell(h) for h in header) + " |",
@@ -195,7 +290,8 @@ def table(results):
     cells = [row["name"], _pm(m["test/accuracy"], 100, 2),
              _pm(m["validation/accuracy"], 100, 2), _pm(m["validation/loss"]),
              _pm(m["train/cross_entropy"]), _pm(m["test/loss"]), seeds,
-             format_params(row["best_params"]), _paired_cell(row["paired"])]
+             str(len(row["failed"])), format_params(row["best_params"]),
+             _paired_cell(row["paired"])]
     lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
   objective = results.get("objective") or {}
   trials = ", ".join(
@@ -209,16 +305,26 @@ def table(results):
   if wall:
     footer += " Wall time: " + ", ".join(
         f"{k} {float(v):.1f} s" for k, v in wall.items()) + "."
+  included = rows[0]["include_failed"]
   lines += ["", "Mean ± sample std over seeds of the last epoch; accuracies"
-            " in percent, differences in percentage points.", "",
-            _cell(footer)]
+            " in percent, differences in percentage points; failed runs"
+            f" {'included (include_failed)' if included else 'left out'}.",
+            "", _cell(footer)]
+  failed = [(r["name"], seed, f) for r in rows
+            for seed, f in r["failed"].items()]
+  if failed:
+    lines += ["", f"Failed runs ({len(failed)}, "
+              f"{'included in' if included else 'left out of'} the means and"
+              " intervals; the rule is in `gnp.report.failures`):", ""]
+    lines += [f"- {name}, seed {seed}, epoch {f['epoch']}: {_cell(f['reason'])}"
+              for name, seed, f in failed]
   described = [r for r in rows if r["description"]]
   if described:
     lines += [""] + [f"- {r['name']}: {r['description']}" for r in described]
   return "\n".join(lines) + "\n"
 
 
-def _curve(arm, key, scale):
+def _curve(arm, key, scale, skip=()):
   """One arm's line and band, or None if no seed logged `key`.
 
   Seeds can stop at different epochs (a run cut short); averaging only the
@@ -226,7 +332,7 @@ def _curve(arm, key, scale):
   A None entry (a diverged evaluation) stays NaN so the gap shows.
   """
   histories = [s["history"] for s in arm.get("seeds", [])
-               if s["history"].get(key)]
+               if s["history"].get(key) and s["seed"] not in skip]
   if not histories:
     return None
   length = min(len(h[key]) for h in histories)
@@ -250,12 +356,15 @@ def curves(results):
   (the same for an arm in both panels), ``epochs``, and ``mean``, ``low``
   and ``high`` (mean ∓ sample std over seeds, zero band for one seed) as
   drawn: accuracies in percent. All seeds are cut to the shortest history.
+  Failed runs (`failures`) are left out, as in the table, unless
+  ``results["include_failed"]``.
   """
   _check(results)
   arms = results["arms"]
-  has_validation = all(s["history"].get("validation/accuracy")
-                       for arm in arms for s in arm.get("seeds", []))
-  accuracy = "validation/accuracy" if has_validation else "test/accuracy"
+  accuracy = _accuracy_key(results)
+  has_validation = accuracy == "validation/accuracy"
+  skipped = ({} if results.get("include_failed") else
+             {name: set(f) for name, f in failures(results).items()})
   panels = [("train/cross_entropy", 1.0, "Training loss", "cross-entropy"),
             (accuracy, 100.0, "Validation accuracy" if has_validation else
              "Test accuracy (no validation split)", "accuracy (%)")]
@@ -263,7 +372,7 @@ def curves(results):
   for key, scale, title, ylabel in panels:
     drawn = []
     for i, arm in enumerate(arms):
-      curve = _curve(arm, key, scale)
+      curve = _curve(arm, key, scale, skipped.get(str(arm["name"]), ()))
       if curve is not None:
         drawn.append({**curve, "color": f"C{i % 10}"})
     out.append({"key": key, "title": title, "ylabel": ylabel, "arms": drawn})
@@ -316,6 +425,8 @@ def main(argv):
   try:
     with open(path, encoding="utf-8") as f:
       results = json.load(f)
+    if flags.FLAGS.include_failed is not None and isinstance(results, dict):
+      results["include_failed"] = flags.FLAGS.include_failed
     write(results, workdir)
   except (OSError, ValueError, UserError) as e:
     # KeyError/TypeError would be bugs here: _check vouches for the schema.
@@ -329,4 +440,8 @@ if __name__ == "__main__":
   flags.DEFINE_string(
       "workdir", None, "Directory holding results.json; table.md and"
       " curves.png are written next to it.", required=True)
+  flags.DEFINE_bool(
+      "include_failed", None, "Count failed runs (diverged or collapsed"
+      " seeds, see gnp.report.failures) in the means and intervals; default:"
+      " as the study says (results.json's include_failed), else no.")
   app.run(main)

@@ -122,6 +122,10 @@ def default_study() -> ml_collections.ConfigDict:
   c.final.num_seeds = 5
   c.final.num_epochs = 30
   c.vectorize = True  # False: one run at a time (large models).
+  # The report leaves failed final runs (diverged or collapsed seeds, see
+  # gnp.report.failures) out of means and intervals and lists them; True
+  # counts them in (they are listed either way).
+  c.include_failed = False
   return c
 
 
@@ -173,13 +177,17 @@ def validate(study: ml_collections.ConfigDict) -> None:
   if study.direction not in ("maximize", "minimize"):
     raise ConfigError(
         f"direction must be maximize or minimize, got {study.direction!r}.")
-  split, _, metric = study.objective.partition("/")
-  if split not in ("validation", "train") or metric not in (
-      "loss", "accuracy", "cross_entropy"):
+  split = study.objective.partition("/")[0]
+  # Exactly the keys a tuning run's history records (gnp.population), so
+  # that an objective cannot pass here and then read NaN from every trial.
+  recorded = ("validation/accuracy", "validation/loss",
+              *(f"train/{m}" for m in population.TRAIN_METRICS))
+  if study.objective not in recorded:
+    reason = (": tuning never reads the test set" if split == "test" else
+              ", which a tuning run does not record")
     raise ConfigError(
-        f"objective {study.objective!r} must be validation/loss or"
-        " validation/accuracy (or a train/ metric): tuning never reads the"
-        " test set.")
+        f"objective {study.objective!r} is not one of {', '.join(recorded)}"
+        f"{reason}.")
   for name in ("num_trials", "num_epochs", "trials_at_once"):
     if not isinstance(study.tuning[name], int) or study.tuning[name] < 1:
       raise ConfigError(f"tuning.{name} must be a positive integer.")
@@ -347,6 +355,7 @@ def tune(study, spec, workdir: str, dataset, populations) -> optuna.Study:
     seconds = (time.perf_counter() - started) / len(trials)
     for t, history in zip(trials, histories):
       diverged = history.pop("diverged", None)
+      history.pop("diverged_epoch", None)
       t.set_user_attr("history", history)
       t.set_user_attr("train_time_s", seconds)
       value = (history.get(study.objective) or [math.nan])[-1]
@@ -396,8 +405,12 @@ def retrain(study, spec, best_params: dict, workdir: str, dataset,
 
 def _seed_entry(seed: int, history: dict) -> dict:
   entry = {"seed": seed, "history": history}
+  epoch = history.pop("diverged_epoch", None)
   if "diverged" in history:  # Its curves stop being training there.
     entry["diverged"] = history.pop("diverged")
+    # A sequential run stops at the first sync after the fault: its history
+    # ends in the epoch it diverged.
+    entry["diverged_epoch"] = epoch or len(history.get("epoch", []))
     logging.warning("seed %d diverged: %s", seed, entry["diverged"])
   return entry
 
@@ -406,7 +419,8 @@ def _seed_entry(seed: int, history: dict) -> dict:
 # and how they are batched, the final runs (recomputed when they change) and
 # how runs are executed. Anything else would mix trials of two studies.
 RESUMABLE_KEYS = ("tuning.num_trials", "tuning.trials_at_once",
-                  "final.num_seeds", "final.num_epochs", "vectorize")
+                  "final.num_seeds", "final.num_epochs", "vectorize",
+                  "include_failed")
 
 
 def check_workdir(study: ml_collections.ConfigDict, workdir: str) -> None:
@@ -474,6 +488,9 @@ def run(study: ml_collections.ConfigDict, workdir: str) -> dict:
   results = {
       "study": study.name,
       "objective": {"metric": study.objective, "direction": study.direction},
+      # Chance accuracy, for the report's rule of a collapsed run.
+      "num_classes": int(dataset.num_classes),
+      "include_failed": bool(study.include_failed),
       "arms": arms,
       "wall_time_s": {
           "tuning": sum(a["wall_time_s"]["tuning"] for a in arms),

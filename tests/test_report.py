@@ -131,14 +131,14 @@ def test_table_shows_the_numbers_as_specified():
       values = np.array(list(FINAL[name][key].values())) * scale
       assert cells[column] == (f"{values.mean():.{digits}f} ±"
                                f" {values.std(ddof=1):.{digits}f}")
-  assert _row(text, "baseline")[6:] == ["3", "lr 1.2e-03, wd 3.0e-04",
+  assert _row(text, "baseline")[6:] == ["3", "0", "lr 1.2e-03, wd 3.0e-04",
                                         "reference"]
   _, mean, low, high = _paired_reference("gnvr")
   assert _row(text, "gnvr")[6:] == [
-      "3", "lr 3.0e-03, λ 1.0e-02",
+      "3", "0", "lr 3.0e-03, λ 1.0e-02",
       f"{mean * 100:+.2f} [{low * 100:+.2f}, {high * 100:+.2f}] (n=3)"]
-  assert _row(text, "l2")[6:8] == ["2 (lacks seed 2)", "—"]
-  assert "(n=2)" in _row(text, "l2")[8]
+  assert _row(text, "l2")[6:9] == ["2 (lacks seed 2)", "0", "—"]
+  assert "(n=2)" in _row(text, "l2")[9]
   assert ("Objective: validation/accuracy (maximize). Trials completed/failed:"
           " baseline 2/1 (best 0.6300), gnvr 2/1 (best 0.6600), l2 0/0."
           " Wall time: tuning 123.4 s, final 56.7 s, total 180.1 s.") in text
@@ -152,7 +152,7 @@ def test_one_seed_has_no_std_and_no_interval():
   assert _row(text, "baseline")[1] == f"{80.1:.2f} ± —"
   gnvr = report.summarize(results)[1]
   assert gnvr["paired"]["n"] == 1 and gnvr["paired"]["low"] is None
-  assert _row(text, "gnvr")[8] == f"{(0.823 - 0.801) * 100:+.2f} — (n=1)"
+  assert _row(text, "gnvr")[9] == f"{(0.823 - 0.801) * 100:+.2f} — (n=1)"
 
 
 def test_missing_validation_split_shows_dashes(tmp_path):
@@ -217,7 +217,7 @@ def test_paired_difference_pairs_by_seed_not_by_position():
   cells = _row(report.table(results), "other")
   assert cells[6] == "3 (lacks seed 2)"
   diff = np.mean(np.subtract(mine, base)) * 100
-  assert cells[8] == (f"{diff:+.2f} [{ci.low * 100:+.2f},"
+  assert cells[9] == (f"{diff:+.2f} [{ci.low * 100:+.2f},"
                       f" {ci.high * 100:+.2f}] (n=3)")
 
 
@@ -325,3 +325,125 @@ def test_cli_fails_with_one_line(tmp_path, content, message):
   (line,) = result.stderr.strip().splitlines()
   assert line.startswith(f"gnp.report: error: {tmp_path / 'results.json'}: ")
   assert message in line
+
+
+# Final validation and test accuracy of two arms over seeds 0-4. In "gnvr",
+# seed 2 diverged at epoch 3 (its later epochs hold the frozen state, whose
+# accuracy looks plausible) and seed 4 collapsed to chance (10 classes).
+_FAILED_ACCURACY = {
+    "baseline": {0: 0.61, 1: 0.58, 2: 0.63, 3: 0.60, 4: 0.59},
+    "gnvr": {0: 0.64, 1: 0.62, 2: 0.55, 3: 0.66, 4: 0.10},
+}
+
+
+def _results_with_failures():
+  arms = []
+  for name, finals in _FAILED_ACCURACY.items():
+    seeds = []
+    for seed, accuracy in finals.items():
+      history = {"epoch": [1, 2, 3, 4]}
+      for key in report.METRICS:
+        final = accuracy if "accuracy" in key else 1 - accuracy
+        history[key] = [final * e / 4 for e in range(1, 5)]
+      entry = {"seed": seed, "history": history}
+      if name == "gnvr" and seed == 2:
+        entry["diverged"] = "NaN or Inf in the loss or update at step 55"
+        entry["diverged_epoch"] = 3
+      seeds.append(entry)
+    arms.append({"name": name, "seeds": seeds})
+  return {"study": "failures", "num_classes": 10, "arms": arms}
+
+
+def test_failed_runs_are_named_and_left_out_of_every_mean():
+  results = _results_with_failures()
+  failed = report.failures(results)
+  assert failed["baseline"] == {}
+  assert sorted(failed["gnvr"]) == [2, 4]
+  assert failed["gnvr"][2]["epoch"] == 3
+  assert failed["gnvr"][2]["reason"].startswith("diverged: NaN or Inf")
+  assert failed["gnvr"][4]["epoch"] == 4
+  assert failed["gnvr"][4]["reason"].startswith(
+      "collapsed: validation/accuracy 10.0% against the arm's median 63.0%")
+  rows = report.summarize(results)
+  kept = [0, 1, 3]
+  gnvr = np.array([_FAILED_ACCURACY["gnvr"][s] for s in kept])
+  base = np.array([_FAILED_ACCURACY["baseline"][s] for s in kept])
+  stat = rows[1]["metrics"]["test/accuracy"]
+  np.testing.assert_allclose([stat["mean"], stat["std"]],
+                             [gnvr.mean(), gnvr.std(ddof=1)], rtol=1e-12)
+  base_stat = rows[0]["metrics"]["test/accuracy"]  # Nothing failed there.
+  np.testing.assert_allclose(
+      base_stat["mean"], np.mean(list(_FAILED_ACCURACY["baseline"].values())),
+      rtol=1e-12)
+  paired = rows[1]["paired"]
+  assert paired["seeds"] == kept and paired["excluded_seeds"] == [2, 4]
+  ci = stats.ttest_rel(gnvr, base).confidence_interval(0.95)
+  np.testing.assert_allclose(
+      [paired["mean"], paired["low"], paired["high"]],
+      [np.mean(gnvr - base), ci.low, ci.high], rtol=1e-10)
+  text = report.table(results)
+  assert _row(text, "gnvr")[6:8] == ["5", "2"]
+  assert _row(text, "baseline")[6:8] == ["5", "0"]
+  assert "(n=3)" in _row(text, "gnvr")[9]
+  assert ("Failed runs (2, left out of the means and intervals; the rule is"
+          " in `gnp.report.failures`):") in text
+  assert ("- gnvr, seed 2, epoch 3: diverged: NaN or Inf in the loss or"
+          " update at step 55") in text
+  assert "- gnvr, seed 4, epoch 4: collapsed: validation/accuracy 10.0%" in text
+  # The plotted curve leaves them out too.
+  accuracy_panel = report.curves(results)[1]
+  final = accuracy_panel["arms"][1]["mean"][-1]
+  np.testing.assert_allclose(final, gnvr.mean() * 100, rtol=1e-12)
+
+
+def test_include_failed_puts_them_back():
+  results = _results_with_failures()
+  everything = np.array(list(_FAILED_ACCURACY["gnvr"].values()))
+  for row in (report.summarize(results, include_failed=True)[1],
+              report.summarize({**results, "include_failed": True})[1]):
+    np.testing.assert_allclose(row["metrics"]["test/accuracy"]["mean"],
+                               everything.mean(), rtol=1e-12)
+    assert row["paired"]["n"] == 5 and row["paired"]["excluded_seeds"] == []
+    assert sorted(row["failed"]) == [2, 4]  # Still listed.
+  text = report.table(results, include_failed=True)
+  assert "Failed runs (2, included in the means and intervals" in text
+  curve = report.curves({**results, "include_failed": True})[1]["arms"][1]
+  np.testing.assert_allclose(curve["mean"][-1], everything.mean() * 100,
+                             rtol=1e-12)
+
+
+@pytest.mark.parametrize("accuracies, classes, collapsed", [
+    # Two seeds, one collapsed: the median is their midpoint, and only the
+    # seed below it by more than half the gain over chance counts.
+    ([0.52, 0.10], 10, [1]),
+    # Ordinary spread: nothing.
+    ([0.60, 0.55, 0.62, 0.58], 10, []),
+    # An arm that never learns is a result, not a failure.
+    ([0.10, 0.09, 0.11], 10, []),
+    # Half the gain lost but within the margin of the median: kept.
+    ([0.13, 0.16, 0.16], 10, []),
+    # Without num_classes, chance is 0: half the median.
+    ([0.60, 0.62, 0.25], None, [2]),
+])
+def test_the_collapse_rule(accuracies, classes, collapsed):
+  results = {"arms": [{"name": "a", "seeds": [
+      {"seed": i, "history": {"validation/accuracy": [a]}}
+      for i, a in enumerate(accuracies)]}]}
+  if classes:
+    results["num_classes"] = classes
+  assert sorted(report.failures(results)["a"]) == collapsed
+
+
+def test_a_non_finite_final_metric_is_a_failed_run():
+  results = _results_with_failures()
+  results["arms"][0]["seeds"][1]["history"]["test/loss"][-1] = None
+  failed = report.failures(results)["baseline"]
+  assert failed == {1: {"epoch": 4, "reason": "non-finite final test/loss"}}
+
+
+def test_report_cli_include_failed(tmp_path):
+  (tmp_path / "results.json").write_text(json.dumps(_results_with_failures()))
+  proc = run(["-m", "gnp.report", f"--workdir={tmp_path}", "--include_failed"],
+             timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert "included in the means" in (tmp_path / "table.md").read_text()

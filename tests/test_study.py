@@ -107,6 +107,9 @@ def test_a_finished_study_is_not_retrained(finished, monkeypatch):
 
 @pytest.mark.parametrize("overrides,message", [
     ({"objective": "test/accuracy"}, "never reads the test set"),
+    # Passed before, then every trial read NaN and "every trial diverged".
+    ({"objective": "validation/cross_entropy"}, "does not record"),
+    ({"objective": "train/grad_norm"}, "does not record"),
     ({"direction": "up"}, "direction"),
     ({"tuning.num_trials": 0}, "tuning.num_trials"),
     ({"train.dataset.validation_size": 0}, "validation_size is 0"),
@@ -244,7 +247,10 @@ def test_a_diverging_trial_is_failed_not_scored(tmp_path):
   # A learning rate of 1e30 makes the first update non-finite: the state
   # freezes at its initial values, which must not pass for a trained model.
   config.arms = (study.arm("plain", search={
-      "optimizer.learning_rate": ("choice", 1e-3, 1e30)}),)
+      "optimizer.learning_rate": ("choice", 1e-3, 1e30)}),
+                 # A fixed arm whose retraining diverges at its first step.
+                 study.arm("unstable", overrides={
+                     "optimizer.learning_rate": 1e30}))
   # Both values, whatever the sampler would draw: enqueued trials go first.
   proposals = optuna.create_study(
       study_name="plain", direction="maximize",
@@ -257,6 +263,16 @@ def test_a_diverging_trial_is_failed_not_scored(tmp_path):
   assert by_lr[1e30]["state"] == "FAIL" and by_lr[1e30]["value"] is None
   assert by_lr[1e-3]["state"] == "COMPLETE"
   assert results["arms"][0]["best_params"] == {"optimizer.learning_rate": 1e-3}
+  # The diverged final run is named under the table and kept out of its
+  # means: the frozen initial state's accuracy must not pass for a result.
+  (seed,) = results["arms"][1]["seeds"]
+  assert seed["diverged"].startswith("NaN or Inf") and seed[
+      "diverged_epoch"] == 1
+  table = open(tmp_path / "table.md").read()
+  cells = [c.strip() for c in _row(table, "unstable").strip("|").split("|")]
+  assert cells[1:8] == ["—", "—", "—", "—", "—", "1", "1"]
+  assert ("- unstable, seed 1, epoch 1: diverged: NaN or Inf in the loss or"
+          " update at step 1") in table
 
 
 def test_a_workdir_refuses_another_study(finished):
