@@ -188,8 +188,11 @@ def train_step(state: TrainState, batch, *, model, make_tx, unit_schedule,
   ``state.nonfinite_step`` and the state stays as it was from then on.
   """
   hparams = state.hparams["optimizer"]
-  schedule = lambda count: hparams["learning_rate"] * unit_schedule(count)
-  tx = make_tx(schedule, hparams["weight_decay"])
+  # The schedule follows the step number, not optax's count: a step skipped
+  # for a non-finite update (on_nonfinite="skip") stops optax's count, but
+  # not the step number that the regulariser's warm-up and the log follow.
+  learning_rate = hparams["learning_rate"] * unit_schedule(state.step)
+  tx = make_tx(lambda count: learning_rate, hparams["weight_decay"])
   key = jax.random.fold_in(state.rng, state.step)
   augment_key, loss_key = jax.random.split(key)
   x, y = batch
@@ -216,7 +219,7 @@ def train_step(state: TrainState, batch, *, model, make_tx, unit_schedule,
       "penalty": stats["penalty"],
       "update_norm": otu.tree_norm(grads),
       "param_norm": otu.tree_norm(params),
-      "learning_rate": schedule(state.step),
+      "learning_rate": learning_rate,
   }
   if "grad_norm" in stats:
     metrics["grad_norm"] = stats["grad_norm"]

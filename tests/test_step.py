@@ -151,3 +151,30 @@ def test_m_sharpness_batch_norm_statistics_are_the_mean_over_groups():
   for actual, wanted in zip(jax.tree.leaves(new_state.batch_stats),
                             jax.tree.leaves(expected)):
     np.testing.assert_allclose(actual, wanted, rtol=1e-5, atol=1e-6)
+
+
+def test_a_skipped_step_does_not_shift_the_schedule():
+  # on_nonfinite="skip": step 0's batch is poisoned and its update refused.
+  # Step 1 must still apply, and log, the schedule's value at step 1, the
+  # step the regulariser's warm-up follows too.
+  config = tiny_mnist1d(**{
+      "optimizer.name": "sgd", "optimizer.momentum": 0.0,
+      "optimizer.learning_rate": PEAK, "optimizer.schedule": "cosine",
+      "optimizer.warmup_epochs": 1.0, "num_epochs": 2,
+      "on_nonfinite": "skip"})
+  exp = train.create_experiment(config)
+  warmup, total = exp.steps_per_epoch, exp.total_steps
+  state = exp.init()
+  x, y = exp.train_batch(0)
+  state, metrics = exp.step(state, (np.full_like(x, np.nan), y))
+  assert float(metrics["nonfinite"]) == 1 and int(state.skipped_steps) == 1
+  batch = exp.train_batch(1)
+  before = jax.device_get(state.params)
+  state, metrics = exp.step(state, batch)
+  grads = _mean_cross_entropy_grad(exp, before, batch)
+  moved = jax.tree.map(lambda new, old: new - old,
+                       jax.device_get(state.params), before)
+  applied = -otu.tree_vdot(moved, grads) / otu.tree_vdot(grads, grads)
+  expected = _scheduled(1, warmup, total)
+  np.testing.assert_allclose(applied, expected, rtol=2e-3)
+  np.testing.assert_allclose(metrics["learning_rate"], expected, rtol=1e-6)
