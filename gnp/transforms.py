@@ -93,7 +93,9 @@ def standardize(
   every axis but the LAST.
 
   Args:
-    eps: non-negative constant added to the std to avoid division by zero.
+    eps: non-negative constant added to the std. With ``eps = 0`` a neuron
+      whose fan-in gradient is constant (a dead ReLU's: all zeros) gets a
+      zero gradient, not NaN.
     conv_only: if True, only convolution kernels (``ndim > 2``) are
       standardised; Dense kernels pass through.
 
@@ -122,6 +124,10 @@ def standardize(
 
   def fn(g, axes):
     centred = g - g.mean(axes, keepdims=True)
-    return centred / (g.std(axes, keepdims=True) + eps)
+    scale = g.std(axes, keepdims=True) + eps
+    # A neuron whose gradient is constant over its fan-in (a dead ReLU's is
+    # all zeros) centres to zeros; with eps = 0 that is 0 / 0, which must
+    # stay 0 rather than turn the whole update NaN.
+    return jnp.where(scale > 0, centred / jnp.where(scale > 0, scale, 1), 0)
 
   return _per_output_neuron(fn, conv_only)

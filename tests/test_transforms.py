@@ -193,3 +193,17 @@ def test_negative_or_nan_eps_raises(eps):
     transforms.standardize(eps)
   with pytest.raises(ValueError, match=message):
     optax.inject_hyperparams(transforms.standardize)(eps=eps).init({})
+
+
+def test_standardize_without_eps_leaves_a_dead_neuron_at_zero():
+  # Output neuron 1 has a zero gradient over its whole fan-in (a dead ReLU),
+  # neuron 2 a constant one: both centre to zeros, which eps = 0 must not
+  # turn into 0 / 0 = NaN. The others are standardised as usual.
+  g = _rand(0, (5, 4))
+  g[:, 1], g[:, 2] = 0.0, 3.0
+  out = np.asarray(_apply(transforms.standardize(0.0), jnp.asarray(g)))
+  assert np.all(np.isfinite(out))
+  np.testing.assert_array_equal(out[:, 1:3], 0.0)
+  expected = _np_ngs(g[:, [0, 3]], 0.0)
+  np.testing.assert_allclose(out[:, [0, 3]], expected, rtol=1e-5,
+                             atol=1e-6)
