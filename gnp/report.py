@@ -350,7 +350,8 @@ def curves(results):
   """What `plot` draws, as numbers, so a test can check them.
 
   Returns two panels, training loss then accuracy: validation accuracy, or
-  test accuracy when any seed lacks a validation split. Each panel is a dict
+  test accuracy when any seed lacks a validation split; validation loss
+  instead where the study was tuned on it. Each panel is a dict
   with ``key`` (the history key), ``title``, ``ylabel`` and ``arms``: one
   dict per arm that logged the key, in arm order, with ``name``, ``color``
   (the same for an arm in both panels), ``epochs``, and ``mean``, ``low``
@@ -365,9 +366,15 @@ def curves(results):
   has_validation = accuracy == "validation/accuracy"
   skipped = ({} if results.get("include_failed") else
              {name: set(f) for name, f in failures(results).items()})
+  second = (accuracy, 100.0, "Validation accuracy" if has_validation else
+            "Test accuracy (no validation split)", "accuracy (%)")
+  objective = (results.get("objective") or {}).get("metric")
+  if objective == "validation/loss" and has_validation:
+    # A study tuned on validation loss is judged by it: show that.
+    second = (objective, 1.0, "Validation loss (the tuning objective)",
+              "cross-entropy")
   panels = [("train/cross_entropy", 1.0, "Training loss", "cross-entropy"),
-            (accuracy, 100.0, "Validation accuracy" if has_validation else
-             "Test accuracy (no validation split)", "accuracy (%)")]
+            second]
   out = []
   for key, scale, title, ylabel in panels:
     drawn = []

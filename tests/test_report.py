@@ -447,3 +447,14 @@ def test_report_cli_include_failed(tmp_path):
              timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert "included in the means" in (tmp_path / "table.md").read_text()
+
+
+def test_a_study_tuned_on_validation_loss_plots_validation_loss():
+  results = _results()
+  results["objective"] = {"metric": "validation/loss", "direction": "minimize"}
+  panel = report.curves(results)[1]
+  assert (panel["key"], panel["title"]) == (
+      "validation/loss", "Validation loss (the tuning objective)")
+  for arm, drawn in zip(results["arms"], panel["arms"]):
+    expected = _expected_curve(arm, "validation/loss", 1)
+    np.testing.assert_allclose(drawn["mean"], expected[1], rtol=1e-12)
