@@ -1,6 +1,6 @@
 """Mutation audit: would the tests notice a plausible one-line slip?
 
-    python tools/mutation.py                  # every mutant, ~40 min on 2 cores
+    python tools/mutation.py                  # every mutant (see the README)
     python tools/mutation.py --only lr_ --only keys_  # names starting so
     python tools/mutation.py --check          # only that each mutant applies
 
@@ -55,34 +55,34 @@ MUTANTS = [
     _m("sam_ascends_backwards", "gnp/penalties/gradient_norm.py",
        "perturbed = _mix(params, direction, 1.0, radius)",
        "perturbed = _mix(params, direction, 1.0, -radius)",
-       [T + "test_penalties.py", T + "test_gradient_norm.py"],
+       [T + "test_gradient_norm.py::test_alpha_one_is_sam", T + "test_gradient_norm.py::test_finite_difference_equals_formula"],
        "SAM/GNP perturb against the gradient"),
     _m("sam_unnormalised", "gnp/penalties/gradient_norm.py",
        "perturbed = _mix(params, direction, 1.0, radius)",
        "perturbed = _mix(params, grads, 1.0, radius)",
-       [T + "test_penalties.py", T + "test_gradient_norm.py"],
+       [T + "test_gradient_norm.py::test_alpha_one_is_sam", T + "test_gradient_norm.py::test_finite_difference_equals_formula"],
        "θ + ρ g instead of θ + ρ g/‖g‖"),
     _m("gnp_mix_swapped", "gnp/penalties/gradient_norm.py",
        "update = _mix(first, perturbed_grads, 1.0 - alpha, alpha)",
        "update = _mix(first, perturbed_grads, alpha, 1.0 - alpha)",
-       [T + "test_gradient_norm.py"], "GNP's mixing weights swapped"),
+       [T + "test_gradient_norm.py::test_finite_difference_equals_formula"], "GNP's mixing weights swapped"),
     _m("gnp_exact_scale", "gnp/penalties/gradient_norm.py",
        "update = _mix(grads, hvp(direction), 1.0, alpha * r)",
        "update = _mix(grads, hvp(direction), 1.0, r)",
-       [T + "test_gradient_norm.py"], "exact GNP forgets α"),
+       [T + "test_gradient_norm.py::test_exact_equals_grad_of_penalised_objective"], "exact GNP forgets α"),
     _m("gnp_normalize_first_ignored", "gnp/penalties/gradient_norm.py",
        "first = direction if normalize_first else grads", "first = grads",
-       [T + "test_gradient_norm.py"], "normalize_first mixes g, not ĝ"),
+       [T + "test_gradient_norm.py::test_finite_difference_equals_formula"], "normalize_first mixes g, not ĝ"),
     _m("gnvr_no_second_order", "gnp/penalties/gradient_norm_variance.py",
        "variance = jnp.sum((norms - jnp.mean(norms)) ** 2) / (size - ddof)",
        "variance = jnp.sum((jax.lax.stop_gradient(norms) - jnp.mean(norms))"
        " ** 2) / (size - ddof)",
-       [T + "test_gradient_norm_variance.py"],
+       [T + "test_gradient_norm_variance.py::test_equals_python_loop_reference"],
        "GNVR's gradient stops at the per-example norms"),
     _m("gnvr_ddof_ignored", "gnp/penalties/gradient_norm_variance.py",
        "variance = jnp.sum((norms - jnp.mean(norms)) ** 2) / (size - ddof)",
        "variance = jnp.sum((norms - jnp.mean(norms)) ** 2) / (size - 1)",
-       [T + "test_gradient_norm_variance.py", T + "test_stats.py"],
+       [T + "test_gradient_norm_variance.py::test_ddof_convention"],
        "the variance ignores ddof"),
     _m("hessian_reused_probe_bits", "gnp/penalties/hessian.py",
        "jax.random.split(probe_key, num_probes)",
@@ -92,52 +92,56 @@ MUTANTS = [
        "return loss, aux, grads, otu.tree_norm(hvp, squared=True)",
        "return loss, aux, grads, otu.tree_norm(jax.lax.stop_gradient(hvp),"
        " squared=True)",
-       [T + "test_hessian.py"],
+       [T + "test_hessian.py::test_penalty_gradient_flows_through_hessian_vector_product"],
        "the penalty's gradient stops at the Hessian-vector product"),
     _m("gvr_views_share_a_key", "gnp/regularizers.py",
        "first, second = jax.random.split(key)",
        "first = second = key",
-       [T + "test_view_consistency.py", T + "test_train.py"],
+       [T + "test_step.py::test_each_step_draws_its_own_randomness"],
        "GVR's two views are the same view"),
     _m("gvr_penalty_unsquared", "gnp/penalties/view_consistency.py",
        "penalty = otu.tree_norm(difference, squared=True)",
        "penalty = otu.tree_norm(difference)",
-       [T + "test_view_consistency.py"], "‖g¹ − g²‖ for ‖g¹ − g²‖²"),
+       [T + "test_view_consistency.py::test_matches_hand_written_objective"], "‖g¹ − g²‖ for ‖g¹ − g²‖²"),
     _m("zero_gradient_nan", "gnp/penalties/_base.py",
        "inverse = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0),"
        " 0.0)",
        "inverse = 1.0 / norm",
-       [T + "test_gradient_norm.py"], "‖g‖ = 0 gives NaN"),
+       [T + "test_gradient_norm.py::test_zero_gradient_gives_finite_zero_update"], "‖g‖ = 0 gives NaN"),
     _m("groups_share_a_key", "gnp/penalties/_base.py",
        "jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num_groups))",
        "jax.random.fold_in, in_axes=(None, 0))(key, 0 * jnp.arange("
        "num_groups))",
-       [T + "test_gradient_norm.py", T + "test_penalties.py"],
+       [T + "test_gradient_norm.py::test_group_size_is_mean_over_groups"],
        "every m-sharpness group draws the same randomness"),
     _m("ghost_gram_without_bias", "gnp/penalties/ghost.py",
        'gram_a = jnp.einsum("btgp,bsgp->bgts", a, a) + with_bias',
        'gram_a = jnp.einsum("btgp,bsgp->bgts", a, a)',
-       [T + "test_ghost.py"], "the Gram form drops the bias"),
+       [T + "test_ghost.py::test_norms_equal_vmap_in_both_forms"], "the Gram form drops the bias"),
     _m("ghost_shared_bias_dropped", "gnp/penalties/ghost.py",
        "squared += jnp.sum(bias_grad ** 2, axis=(1, 2))",
        "squared += 0 * jnp.sum(bias_grad ** 2, axis=(1, 2))",
-       [T + "test_ghost.py"], "a bias shared by layers is not counted"),
+       [T + "test_ghost.py::test_a_leaf_shared_between_layers_is_exact", T + "test_ghost.py::test_norms_equal_vmap_in_both_forms"], "a bias shared by layers is not counted"),
     _m("gc_wrong_axis", "gnp/transforms.py",
        "lambda g, axes: g - g.mean(axes, keepdims=True), conv_only",
        "lambda g, axes: g - g.mean(-1, keepdims=True), conv_only",
        [T + "test_transforms.py"], "GC centres over the output axis"),
     _m("ngs_sample_std", "gnp/transforms.py",
-       "return centred / (g.std(axes, keepdims=True) + eps)",
-       "return centred / (g.std(axes, keepdims=True, ddof=1) + eps)",
+       "scale = g.std(axes, keepdims=True) + eps",
+       "scale = g.std(axes, keepdims=True, ddof=1) + eps",
        [T + "test_transforms.py"], "NGS divides by the sample std"),
+    _m("ngs_dead_neuron_nan", "gnp/transforms.py",
+       "return jnp.where(scale > 0, centred / jnp.where(scale > 0, scale, 1),"
+       " 0)", "return centred / scale",
+       [T + "test_transforms.py"], "eps = 0 turns a dead neuron's 0/0 NaN"),
     _m("l2_on_biases", "gnp/train.py",
        "kernels = [w for w in jax.tree.leaves(params) if w.ndim > 1]",
        "kernels = [w for w in jax.tree.leaves(params) if w.ndim >= 1]",
-       [T + "test_train.py"], "L2 on biases too"),
+       [T + "test_train.py::test_the_step_is_the_regularised_gradient_through_the_optimiser"], "L2 on biases too"),
     _m("epoch_order_fixed", "gnp/data/pipeline.py",
        "order = np.random.default_rng([seed, epoch]).permutation(num_examples)",
        "order = np.random.default_rng([seed, 0]).permutation(num_examples)",
-       [T + "test_data.py"], "every epoch in the same order"),
+       [T + "test_data.py::test_every_example_once_per_epoch_and_epochs_differ"], "every epoch in the same order"),
     _m("report_t_dof", "gnp/report.py",
        "half = float(stats.t.ppf(0.975, n - 1) * diffs.std(ddof=1) /"
        " math.sqrt(n))",
@@ -150,14 +154,14 @@ MUTANTS = [
     _m("bn_stats_from_perturbed_pass", "gnp/penalties/gradient_norm.py",
        "(perturbed_loss, _), perturbed_grads = value_and_grad(perturbed)",
        "(perturbed_loss, aux), perturbed_grads = value_and_grad(perturbed)",
-       [T + "test_train.py"],
+       [T + "test_train.py::test_batch_norm_statistics_come_from_the_unperturbed_pass"],
        "batch statistics from the perturbed pass"),
     # --- The audit's slips in the wiring (nine passed the suite then). ----
     _m("eval_counts_padding", "gnp/train.py",
        'return {"loss": jnp.sum(losses * mask), "correct": jnp.sum(correct *'
        ' mask),',
        'return {"loss": jnp.sum(losses), "correct": jnp.sum(correct * mask),',
-       [T + "test_evaluation.py"], "evaluation sums the loss of padded rows"),
+       [T + "test_evaluation.py::test_evaluation_equals_a_hand_computation_on_a_padded_split"], "evaluation sums the loss of padded rows"),
     _m("lr_one_step_late", "gnp/train.py",
        'learning_rate = hparams["learning_rate"] * unit_schedule(state.step)',
        'learning_rate = hparams["learning_rate"] * unit_schedule('
@@ -167,7 +171,7 @@ MUTANTS = [
     _m("keys_reused_every_step", "gnp/train.py",
        "key = jax.random.fold_in(state.rng, state.step)",
        "key = jax.random.fold_in(state.rng, 0)",
-       [T + "test_step.py"], "every step draws the same randomness"),
+       [T + "test_step.py::test_per_step_keys_are_the_run_key_folded_with_the_step", T + "test_step.py::test_each_step_draws_its_own_randomness"], "every step draws the same randomness"),
     _m("gc_ngs_dropped_for_adam", "gnp/optim.py",
        "if opt.centralize:",
        'if opt.centralize and opt.name == "sgd":',
@@ -175,7 +179,7 @@ MUTANTS = [
     _m("m_sharpness_bn_one_group", "gnp/train.py",
        "batch_stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), batch_stats)",
        "batch_stats = jax.tree.map(lambda s: s[0], batch_stats)",
-       [T + "test_step.py"], "m-sharpness keeps one group's BN statistics"),
+       [T + "test_step.py::test_m_sharpness_batch_norm_statistics_are_the_mean_over_groups"], "m-sharpness keeps one group's BN statistics"),
     _m("report_pairs_by_position", "gnp/report.py",
        "diffs = np.array([mine[k] - theirs[k] for k in common],"
        " dtype=np.float64)",
@@ -192,14 +196,14 @@ MUTANTS = [
     _m("ghost_transformed_kernel", "gnp/penalties/ghost.py",
        "if not leaves or None in leaves.values():",
        "if all(leaf is None for leaf in leaves.values()):",
-       [T + "test_ghost.py"],
+       [T + "test_ghost.py::test_auto_gives_the_exact_norms_of_a_scaled_kernel", T + "test_ghost.py::test_a_layer_given_a_transformed_parameter_is_refused"],
        "a layer with a transformed kernel and a plain bias is 'supported'"),
     # --- Added with the tests that catch them. -----------------------------
     _m("lr_logged_one_step_early", "gnp/train.py",
        '"learning_rate": learning_rate,',
        '"learning_rate": hparams["learning_rate"] * unit_schedule('
        "state.step + 1),",
-       [T + "test_step.py", T + "test_stats.py"],
+       [T + "test_step.py::test_the_step_applies_the_scheduled_learning_rate"],
        "the logged learning rate is not the applied one"),
     _m("schedule_follows_optax_count", "gnp/train.py",
        "tx = make_tx(lambda count: learning_rate, hparams[\"weight_decay\"])",
@@ -210,22 +214,22 @@ MUTANTS = [
     _m("warmup_ramp_off_by_one", "gnp/optim.py",
        "ramp = optax.linear_schedule(0.0, peak, warmup)",
        "ramp = optax.linear_schedule(0.0, peak, warmup + 1)",
-       [T + "test_step.py"], "warm-up ends a step late"),
+       [T + "test_step.py::test_the_step_applies_the_scheduled_learning_rate"], "warm-up ends a step late"),
     _m("augment_and_loss_share_a_key", "gnp/train.py",
        "augment_key, loss_key = jax.random.split(key)",
        "augment_key = loss_key = key",
-       [T + "test_step.py"], "augmentation uses the unsplit step key"),
+       [T + "test_step.py::test_per_step_keys_are_the_run_key_folded_with_the_step"], "augmentation uses the unsplit step key"),
     _m("eval_count_includes_padding", "gnp/train.py",
        '"count": jnp.sum(mask)}', '"count": jnp.sum(jnp.ones_like(mask))}',
-       [T + "test_evaluation.py"], "evaluation divides by the padded size"),
+       [T + "test_evaluation.py::test_evaluation_equals_a_hand_computation_on_a_padded_split"], "evaluation divides by the padded size"),
     _m("eval_skips_preprocessing", "gnp/train.py",
        "logits = model.apply(variables, preprocess(x), train=False)",
        "logits = model.apply(variables, x, train=False)",
-       [T + "test_evaluation.py"], "evaluation skips preprocessing"),
+       [T + "test_evaluation.py::test_evaluation_equals_a_hand_computation_on_a_padded_split"], "evaluation skips preprocessing"),
     _m("population_eval_wrong_member", "gnp/population.py",
        'float(sums["loss"][i] / sums["count"][i]))',
        'float(sums["loss"][0] / sums["count"][i]))',
-       [T + "test_evaluation.py"],
+       [T + "test_evaluation.py::test_a_population_evaluates_each_member_as_by_hand"],
        "a population reports the first member's loss for every member"),
     _m("clip_dropped", "gnp/optim.py",
        "chain.append(optax.clip_by_global_norm(opt.grad_clip))",
@@ -338,7 +342,8 @@ def _apply(mutant: Mutant, tree: str) -> str:
   return text
 
 
-def _pytest(tree: str, tests, timeout: float) -> tuple[str, float, str]:
+def _pytest(tree: str, tests, timeout: float,
+            workers: int = 0) -> tuple[str, float, str]:
   """("passed" | "failed" | "timeout", seconds, last lines of output)."""
   env = dict(os.environ, PYTHONPATH=tree)
   env.pop("XLA_FLAGS", None)
@@ -346,7 +351,8 @@ def _pytest(tree: str, tests, timeout: float) -> tuple[str, float, str]:
   try:
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-         "-o", "addopts=", *tests], cwd=tree, env=env, capture_output=True,
+         "-o", "addopts=", "-n", str(workers), *tests], cwd=tree, env=env,
+        capture_output=True,
         text=True, timeout=timeout)
   except subprocess.TimeoutExpired:
     return "timeout", time.perf_counter() - started, ""
@@ -386,7 +392,8 @@ def main(argv=None) -> int:
         text=True, check=True).stdout.strip()
     if not where.startswith(tree):
       raise SystemExit(f"mutation.py: the copy imports gnp from {where}.")
-    outcome, seconds, tail = _pytest(tree, tests, args.timeout * 4)
+    outcome, seconds, tail = _pytest(tree, tests, args.timeout * 4,
+                                     workers=2)
     print(f"unmutated: {outcome} ({seconds:.0f} s)", flush=True)
     if outcome != "passed":
       print(tail)
