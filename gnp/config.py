@@ -211,7 +211,7 @@ def _one_of(name: str, value, choices):
 def _nonnegative(name: str, value, *, strict=False):
   ok = isinstance(value, (int, float)) and not isinstance(value, bool)
   ok = ok and math.isfinite(value) and (value > 0 if strict else value >= 0)
-  _check(ok, f"{name} must be {'positive' if strict else 'non-negative'}, "
+  _check(ok, f"{name} must be finite and {'> 0' if strict else '≥ 0'}, "
          f"got {name}={value!r}.")
 
 
