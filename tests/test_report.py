@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from gnp import figures
 from gnp import report
 from gnp.errors import UserError
 from tests.helpers import run
@@ -313,6 +314,7 @@ def test_cli_writes_table_and_curves(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert (tmp_path / "table.md").read_text() == report.table(_results())
   assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+  assert (tmp_path / "effects.png").read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.parametrize("content, message", [
@@ -458,3 +460,38 @@ def test_a_study_tuned_on_validation_loss_plots_validation_loss():
   for arm, drawn in zip(results["arms"], panel["arms"]):
     expected = _expected_curve(arm, "validation/loss", 1)
     np.testing.assert_allclose(drawn["mean"], expected[1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("make, kept", [
+    (_results, {"gnvr": [0, 1, 2], "l2": [0, 1]}),
+    (_results_with_failures, {"gnvr": [0, 1, 3]})])
+def test_effects_are_the_paired_differences_by_seed(make, kept):
+  results = make()
+  base = {s["seed"]: s["history"]["test/accuracy"][-1]
+          for s in results["arms"][0]["seeds"]}
+  rows = report.summarize(results)
+  drawn = figures.effects(results)
+  assert [e["name"] for e in drawn] == [r["name"] for r in rows[1:]]
+  for effect, row, arm in zip(drawn, rows[1:], results["arms"][1:]):
+    mine = {s["seed"]: s["history"]["test/accuracy"][-1] for s in arm["seeds"]}
+    seeds = kept[effect["name"]]
+    assert effect["seeds"] == seeds
+    np.testing.assert_allclose(
+        effect["differences"], [100 * (mine[s] - base[s]) for s in seeds],
+        rtol=1e-12)
+    np.testing.assert_allclose(
+        [effect["mean"], effect["low"], effect["high"]],
+        [100 * row["paired"][k] for k in ("mean", "low", "high")], rtol=1e-12)
+  # The forest plot draws exactly those: dots, the interval, the mean.
+  ax = figures.effects_figure(results).axes[0]
+  assert [t.get_text() for t in ax.get_yticklabels()] == [
+      e["name"] for e in drawn]
+  zero, *lines = ax.lines
+  np.testing.assert_array_equal(zero.get_xdata(), [0, 0])
+  for y, effect in enumerate(drawn):
+    mine = [l for l in lines if set(np.atleast_1d(l.get_ydata())) == {y}]
+    dots, bar, mean = mine
+    np.testing.assert_array_equal(dots.get_xdata(), effect["differences"])
+    np.testing.assert_allclose(bar.get_xdata(), [effect["low"],
+                                                 effect["high"]])
+    np.testing.assert_allclose(mean.get_xdata(), [effect["mean"]])

@@ -1,0 +1,207 @@
+"""A study's results.json in numbers: its schema, failed runs, per-arm
+summaries and paired differences. `gnp.report` tabulates them and
+`gnp.figures` draws them; both are importable from `gnp.report` too.
+"""
+
+import math
+
+import numpy as np
+from scipy import stats
+
+from gnp.errors import UserError
+
+# History keys summarised per arm, in table order.
+METRICS = ("test/accuracy", "validation/accuracy", "validation/loss",
+           "train/cross_entropy", "test/loss")
+# The paired comparison against the first arm is on this metric.
+PAIRED_METRIC = "test/accuracy"
+
+
+def check(results):
+  """Raises UserError naming the first part of `results` that is malformed."""
+  arms = results.get("arms") if isinstance(results, dict) else None
+  if not isinstance(arms, list) or not arms:
+    raise UserError("results has no 'arms' (a non-empty list)")
+  if not isinstance(results.get("include_failed", False), bool):
+    raise UserError("'include_failed' must be true or false")
+  wall = results.get("wall_time_s") or {}
+  if not isinstance(wall, dict) or not all(
+      isinstance(v, (int, float)) for v in wall.values()):
+    raise UserError("'wall_time_s' must map names to seconds")
+  for i, arm in enumerate(arms):
+    if not isinstance(arm, dict) or "name" not in arm:
+      raise UserError(f"arms[{i}] has no 'name'")
+    seeds = arm.get("seeds", [])
+    if not (isinstance(seeds, list) and all(
+        isinstance(s, dict) and "seed" in s
+        and isinstance(s.get("history"), dict)
+        and all(isinstance(v, list) for v in s["history"].values())
+        for s in seeds) and isinstance(arm.get("best_params") or {}, dict)
+            and all(isinstance(t, dict) for t in arm.get("trials", []))
+            and isinstance(arm.get("best_value", 0) or 0, (int, float))):
+      raise UserError(f"arm {arm['name']!r}: each seed needs 'seed' and a"
+                      " 'history' of lists; 'trials' and 'best_params' hold"
+                      " objects; 'best_value' is a number or null")
+    values = [s["seed"] for s in seeds]
+    if len(set(values)) != len(values):
+      raise UserError(f"arm {arm['name']!r} repeats a seed: {values}")
+
+
+def finals(arm, key, skip=()):
+  """{seed: last epoch's value of `key`} over the seeds that logged it,
+  leaving out the seeds in ``skip``.
+
+  In seed order, not listing order, so `summarize`'s ``values`` line up with
+  its sorted ``seeds`` however results.json happens to list them.
+  """
+  out = {}
+  for seed in sorted(arm.get("seeds", []), key=lambda s: s["seed"]):
+    if seed["seed"] in skip:
+      continue
+    history = seed["history"].get(key)
+    if history:
+      out[seed["seed"]] = math.nan if history[-1] is None else float(
+          history[-1])
+  return out
+
+
+def _mean_std(values):
+  values = np.asarray(values, dtype=np.float64)
+  return {"values": values.tolist(),
+          "mean": float(values.mean()) if values.size else None,
+          "std": float(values.std(ddof=1)) if values.size > 1 else None}
+
+
+def _paired(arm, reference, skip=()):
+  """Per-seed differences arm − reference on the seeds both have, leaving
+  out the seeds in ``skip`` (failed in either arm)."""
+  mine = finals(arm, PAIRED_METRIC)
+  theirs = finals(reference, PAIRED_METRIC)
+  common = sorted((set(mine) & set(theirs)) - set(skip))
+  diffs = np.array([mine[k] - theirs[k] for k in common], dtype=np.float64)
+  n = len(common)
+  out = {"metric": PAIRED_METRIC, "seeds": common, "n": n,
+         "unpaired_seeds": sorted(set(mine) ^ set(theirs)),
+         "excluded_seeds": sorted((set(mine) & set(theirs)) & set(skip)),
+         "mean": float(diffs.mean()) if n else None,
+         "half_width": None, "low": None, "high": None}
+  if n >= 2:  # One difference says nothing about its own spread.
+    half = float(stats.t.ppf(0.975, n - 1) * diffs.std(ddof=1) / math.sqrt(n))
+    out.update(half_width=half, low=out["mean"] - half,
+               high=out["mean"] + half)
+  return out
+
+
+# A seed's run that collapsed lost more than half of its arm's typical gain
+# over chance, and at least this much accuracy against the arm's median.
+COLLAPSE_MARGIN = 0.05
+
+
+def accuracy_key(results) -> str:
+  """validation/accuracy where every seed of every arm recorded it, else
+  test/accuracy (the plot's rule too)."""
+  has_validation = all(s["history"].get("validation/accuracy")
+                       for arm in results["arms"] for s in arm.get("seeds", []))
+  return "validation/accuracy" if has_validation else "test/accuracy"
+
+
+def failures(results) -> dict[str, dict[int, dict]]:
+  """The failed final runs: ``{arm name: {seed: {"epoch", "reason"}}}``.
+
+  A seed's run failed when
+  - it **diverged**: a NaN or Inf loss or update stopped it (``diverged`` in
+    its results entry; its later epochs are the frozen last good state, not
+    training), or a final metric is NaN or missing where others have it;
+  - it **collapsed**: its final accuracy a (validation accuracy where every
+    run has a validation split, else test accuracy) is below
+    c + (m − c) / 2 and at least `COLLAPSE_MARGIN` below m, where m is the
+    median final accuracy of the arm's seeds that did not diverge and c is
+    chance, 1 / ``num_classes`` (0 where results.json does not say). It lost
+    more than half of the arm's typical gain over chance. An arm whose
+    seeds mostly fail to learn has m near c, and none of them counts as
+    collapsed: the arm's mean says so itself.
+  """
+  check(results)
+  key = accuracy_key(results)
+  classes = results.get("num_classes")
+  chance = 1.0 / classes if isinstance(classes, int) and classes > 0 else 0.0
+  out = {}
+  for arm in results["arms"]:
+    failed = {}
+    for seed in arm.get("seeds", []):
+      history = seed["history"]
+      if "diverged" in seed:
+        epoch = seed.get("diverged_epoch") or len(history.get("epoch", []))
+        failed[seed["seed"]] = {"epoch": epoch,
+                                "reason": f"diverged: {seed['diverged']}"}
+        continue
+      for name in METRICS:
+        values = history.get(name)
+        if values and (values[-1] is None or not math.isfinite(values[-1])):
+          failed[seed["seed"]] = {
+              "epoch": len(values), "reason": f"non-finite final {name}"}
+          break
+    accuracies = finals(arm, key, skip=failed)
+    if accuracies:
+      median = float(np.median(list(accuracies.values())))
+      for seed, value in accuracies.items():
+        if (value < chance + (median - chance) / 2
+            and median - value >= COLLAPSE_MARGIN):
+          epochs = len(next(s for s in arm["seeds"]
+                            if s["seed"] == seed)["history"][key])
+          failed[seed] = {"epoch": epochs, "reason": (
+              f"collapsed: {key} {value:.1%} against the arm's median"
+              f" {median:.1%} (chance {chance:.1%})")}
+    out[str(arm["name"])] = dict(sorted(failed.items()))
+  return out
+
+
+def summarize(results, include_failed=None):
+  """Per-arm numbers behind the table, in arm order.
+
+  Failed runs (`failures`) are left out of every mean, std and interval
+  unless ``include_failed`` (default: ``results["include_failed"]``, else
+  False) says otherwise; either way each row lists them under ``failed``.
+
+  Returns one dict per arm with ``name``, ``description``, ``seeds`` (sorted
+  seed values), ``num_seeds``, ``missing_seeds`` (seeds other arms have and
+  this one lacks), ``metrics`` ({key in METRICS: {"values", "mean", "std"}},
+  final-epoch values as fractions in seed order; mean None without values,
+  std None with fewer than two), ``best_params``, ``best_value``,
+  ``trials_complete``, ``trials_failed``, ``failed`` ({seed: {"epoch",
+  "reason"}}), ``include_failed`` and ``paired``: None for the first arm,
+  otherwise {"metric", "seeds", "n", "unpaired_seeds", "excluded_seeds"
+  (common seeds left out as failed in either arm), "mean", "half_width",
+  "low", "high"} for arm − first arm on common seeds (t interval None if
+  n < 2).
+  """
+  check(results)
+  if include_failed is None:
+    include_failed = bool(results.get("include_failed", False))
+  arms = results["arms"]
+  failed = failures(results)
+  skipped = {name: () if include_failed else set(f)
+             for name, f in failed.items()}
+  all_seeds = {s["seed"] for arm in arms for s in arm.get("seeds", [])}
+  reference = str(arms[0]["name"])
+  rows = []
+  for i, arm in enumerate(arms):
+    name = str(arm["name"])
+    seeds = sorted(s["seed"] for s in arm.get("seeds", []))
+    states = [t.get("state") for t in arm.get("trials", [])]
+    rows.append({
+        "name": name, "description": arm.get("description", ""),
+        "seeds": seeds, "num_seeds": len(seeds),
+        "missing_seeds": sorted(all_seeds - set(seeds)),
+        "metrics": {key: _mean_std(list(finals(arm, key,
+                                                skipped[name]).values()))
+                    for key in METRICS},
+        "best_params": dict(arm.get("best_params") or {}),
+        "best_value": arm.get("best_value"),
+        "trials_complete": states.count("COMPLETE"),
+        "trials_failed": states.count("FAIL"),
+        "failed": failed[name], "include_failed": include_failed,
+        "paired": None if i == 0 else _paired(
+            arm, arms[0], set(skipped[name]) | set(skipped[reference])),
+    })
+  return rows
