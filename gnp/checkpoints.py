@@ -11,15 +11,19 @@ resume exactly.
 A workdir belongs to one config (``WORKDIR/config.json``): `check_workdir`
 refuses a run whose config differs from the stored one in anything but
 `gnp.config.RESUMABLE_KEYS`, so a checkpoint is never resumed by another run.
-`SignalFlag` turns SIGTERM and SIGINT into a request the loop answers by
-saving at the end of the current step.
+`WorkdirLock` lets one run at a time into a workdir. `SignalFlag` turns
+SIGTERM and SIGINT into a request the loop answers by saving at the end of
+the current step.
 """
 
 from __future__ import annotations
 
+import datetime
+import fcntl
 import json
 import os
 import signal
+import socket
 import threading
 
 import jax
@@ -115,6 +119,48 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
         f"workdir {workdir} holds a run of a different config ({shown}{more});"
         " use a new --workdir, or the same config to resume (only"
         f" {', '.join(config_lib.RESUMABLE_KEYS)} may change).")
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir, held while a run or study uses it.
+
+  ``flock`` on ``WORKDIR/.lock``: the operating system releases it when the
+  process ends, however it ends, so a ``kill -9`` never leaves a stale lock.
+  The file names the holder (pid, host, start time) for the refusal's one
+  line. With several processes only process 0 takes it (``enabled=False``
+  on the others), as only process 0 writes the metrics and the summary.
+  (Advisory, and on a network file system only as good as its flock.)
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.path = os.path.join(workdir, ".lock")
+    self._enabled = enabled
+    self._fd = None
+
+  def __enter__(self):
+    if not self._enabled:
+      return self
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      with os.fdopen(fd) as f:
+        holder = f.read().strip() or "another process"
+      raise UserError(
+          f"workdir {os.path.dirname(self.path)} is in use by {holder};"
+          " wait for it to finish, or use another --workdir.") from None
+    started = datetime.datetime.now().astimezone().isoformat(
+        timespec="seconds")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started"
+                 f" {started}\n".encode())
+    self._fd = fd
+    return self
+
+  def __exit__(self, *exc):
+    if self._fd is not None:
+      os.close(self._fd)  # Releases the lock; the file stays, harmless.
+      self._fd = None
 
 
 class SignalFlag:

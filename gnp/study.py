@@ -47,6 +47,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from gnp import checkpoints
 from gnp import cli
 from gnp import config as config_lib
 from gnp import data as data_lib
@@ -443,10 +444,19 @@ def check_workdir(study: ml_collections.ConfigDict, workdir: str) -> None:
 def run(study: ml_collections.ConfigDict, workdir: str) -> dict:
   """Tunes, retrains and reports ``study`` in ``workdir``; returns results.
 
-  Resumes what ``workdir`` holds of the same study; refuses another study's.
+  Resumes what ``workdir`` holds of the same study; refuses another study's,
+  and a workdir another study is running in.
   """
   validate(study)
   check_workdir(study, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with checkpoints.WorkdirLock(workdir):
+    check_workdir(study, workdir)  # Again, now that no other study runs.
+    return _run_locked(study, workdir)
+
+
+def _run_locked(study: ml_collections.ConfigDict, workdir: str) -> dict:
+  """`run` once the workdir is this study's."""
   datasets = {}
 
   def dataset_of(spec):
@@ -457,7 +467,6 @@ def run(study: ml_collections.ConfigDict, workdir: str) -> dict:
                                     seed=train_lib.data_seed(config))
     return datasets[key]
 
-  os.makedirs(workdir, exist_ok=True)
   write_atomically(os.path.join(workdir, "study_config.json"),
                    study.to_json_best_effort(indent=1, sort_keys=True))
   started = time.perf_counter()

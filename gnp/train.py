@@ -500,10 +500,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        dataset=None) -> dict:
   """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
 
-  Returns the final summary, also written to ``workdir/summary.json``.
+  Returns the final summary, also written to ``workdir/summary.json``; a
+  run that had finished returns its summary and changes no file. The
+  workdir is this run's alone while it runs (`checkpoints.WorkdirLock`).
   Raises `gnp.errors.UserError` for a mistake in the input (including a
-  workdir that is read-only or holds a different config's run), before any
-  compilation and before anything is written; `gnp.errors.NonFiniteError`
+  workdir that is read-only, holds a different config's run or is in use by
+  another run), before any compilation and before anything is written; `gnp.errors.NonFiniteError`
   when a step's loss or update is not finite and ``on_nonfinite`` is
   "stop"; `gnp.errors.Preempted` after saving on SIGTERM or SIGINT.
   ``dataset`` replaces the config's data (tests, notebooks).
@@ -511,9 +513,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   config_lib.validate(config, num_devices=jax.device_count())
   checkpoints.check_workdir(workdir, config)
   exp = create_experiment(config, dataset)
+  os.makedirs(workdir, exist_ok=True)
+  with checkpoints.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    # Again under the lock: a run that held it may have written its config.
+    checkpoints.check_workdir(workdir, config)
+    return _train_and_evaluate_locked(config, workdir, exp)
+
+
+def _finished_summary(workdir: str, total_steps: int) -> dict | None:
+  """The summary of a run that finished in ``workdir``, else None."""
+  path = os.path.join(workdir, "summary.json")
+  last = os.path.join(workdir, "checkpoints", str(total_steps))
+  if not (os.path.exists(path) and os.path.isdir(last)):
+    return None
+  with open(path) as f:
+    summary = json.load(f)
+  return summary if summary.get("steps") == total_steps else None
+
+
+def _train_and_evaluate_locked(config, workdir: str, exp: Experiment) -> dict:
+  """`train_and_evaluate` once the workdir is this run's."""
   dataset, steps_per_epoch, total_steps = (
       exp.dataset, exp.steps_per_epoch, exp.total_steps)
-  os.makedirs(workdir, exist_ok=True)
+  finished = _finished_summary(workdir, total_steps)
+  if finished is not None:
+    # Run again after it finished: every file stays as the run left it.
+    logging.info("The run in %s had finished; nothing to do.", workdir)
+    return finished
   state = exp.init()
 
   checkpointer = Checkpointer(workdir, every=config.checkpoint_every_steps,

@@ -103,7 +103,11 @@ def test_each_step_draws_its_own_randomness(name):
 
   values = [value(step) for step in (0, 1, 2, 0, 1)]
   assert values[:2] == values[3:], values  # The same step, the same draws.
-  assert len(set(values[:3])) == 3, values  # Each step, its own draws.
+  # Each step, its own draws: differences well above rounding (two views
+  # drawn with one key are one view, and their penalty is rounding noise).
+  assert min(abs(a - b) for a, b in zip(values[:3], values[1:3] + values[:1])
+             ) > 1e-4 * max(map(abs, values)), values
+  assert min(map(abs, values)) > 1e-3, values
   assert value(0, jax.random.PRNGKey(99)) != values[0]  # Each run its own.
 
 

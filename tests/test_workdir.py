@@ -1,0 +1,101 @@
+"""A workdir is one run's at a time, and a finished run is never rewritten."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gnp import checkpoints
+from gnp import study
+from gnp import train
+from gnp.errors import UserError
+from tests.helpers import ROOT
+from tests.helpers import run
+from tests.helpers import tiny_mnist1d
+from tests.helpers import tiny_study
+
+
+def _snapshot(workdir):
+  """{path: bytes} of every file under ``workdir`` but the lock."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(root, name)
+      if name != ".lock":
+        with open(path, "rb") as f:
+          out[os.path.relpath(path, workdir)] = f.read()
+  return out
+
+
+def test_a_second_run_into_a_busy_workdir_is_refused_and_the_first_is_clean(
+    tmp_path):
+  args = ["-m", "gnp.main", "--config=configs/mnist1d.py",
+          f"--workdir={tmp_path}", "--config.num_epochs=60",
+          "--config.log_every_steps=35"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  first = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env,
+                           stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+  try:
+    lock = tmp_path / ".lock"
+    deadline = time.monotonic() + 300
+    while not (lock.exists() and f"pid {first.pid} " in lock.read_text()):
+      assert first.poll() is None, first.stderr.read()[-3000:]
+      assert time.monotonic() < deadline, "the first run never took the lock"
+      time.sleep(0.2)
+    second = run(args, timeout=300)
+    assert first.poll() is None, "the first run ended before the second"
+    assert second.returncode == 1
+    line = second.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"gnp: error: workdir {tmp_path} is in use by"
+                           f" pid {first.pid} on "), line
+    assert "wait for it to finish, or use another --workdir." in line
+    assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
+  finally:
+    first.kill()
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  for kind in ("train/loss", "test/accuracy"):
+    steps = [r["step"] for r in records if kind in r]
+    assert steps == sorted(set(steps)) and steps, (kind, steps)
+  summary = json.load(open(tmp_path / "summary.json"))
+  assert summary["steps"] == 60 * 35
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\n"
+       "from gnp import checkpoints\n"
+       "with checkpoints.WorkdirLock(sys.argv[1]):\n"
+       "  print('locked', flush=True)\n  time.sleep(600)\n", str(tmp_path)],
+      cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(UserError, match=f"in use by pid {holder.pid} on "):
+      with checkpoints.WorkdirLock(str(tmp_path)):
+        pass
+  finally:
+    holder.kill()  # SIGKILL: no clean-up runs in the holder.
+    holder.wait()
+  with checkpoints.WorkdirLock(str(tmp_path)):  # The OS released it.
+    pass
+
+
+def test_a_study_workdir_is_one_studys_at_a_time(tmp_path):
+  with checkpoints.WorkdirLock(str(tmp_path)):
+    with pytest.raises(UserError, match=f"in use by pid {os.getpid()} on "):
+      study.run(tiny_study(), str(tmp_path))
+  assert os.listdir(tmp_path) == [".lock"]  # Nothing else was written.
+
+
+def test_a_finished_run_run_again_changes_no_file(tmp_path):
+  config = tiny_mnist1d(num_steps=4)
+  first = train.train_and_evaluate(config, str(tmp_path))
+  before = _snapshot(tmp_path)
+  assert {"summary.json", "metrics.jsonl", "config.json"} <= set(before)
+  again = train.train_and_evaluate(config, str(tmp_path))
+  assert again == first
+  assert _snapshot(tmp_path) == before
