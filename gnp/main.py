@@ -68,7 +68,7 @@ def main(argv):
   logging.info("JAX process %d of %d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
   try:
-    train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
+    summary = train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
   except (UserError, NonFiniteError, Preempted) as e:
     logging.flush()
     if isinstance(e, Preempted):
@@ -77,6 +77,19 @@ def main(argv):
       sys.exit(128 + e.signum)
     print(f"gnp: error: {e}", file=sys.stderr)
     sys.exit(3 if isinstance(e, NonFiniteError) else 1)
+  if jax.process_index() == 0:
+    print(done_line(summary, _WORKDIR.value), flush=True)
+
+
+def done_line(summary: dict, workdir: str) -> str:
+  """The one line a finished run prints on stdout: what it reached, in how
+  long, and where the rest is."""
+  reached = ", ".join(
+      f"{split} accuracy {summary[f'{split}/accuracy']:.4f}"
+      for split in ("test", "validation") if f"{split}/accuracy" in summary)
+  return (f"gnp: done: {reached or 'no evaluation split'} after"
+          f" {summary['steps']} steps in {summary['wall_time_s']:.1f} s;"
+          f" summary.json, metrics.jsonl and checkpoints in {workdir}")
 
 
 if __name__ == "__main__":

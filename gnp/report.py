@@ -137,15 +137,18 @@ def table(results, include_failed=None):
   return "\n".join(lines) + "\n"
 
 
-def write(results, workdir):
+def write(results, workdir) -> list[str]:
   """Writes ``workdir/table.md``, ``curves.png`` and, with two arms or
-  more, ``effects.png``."""
+  more, ``effects.png``; returns the names written."""
   text = table(results)  # Checks the schema before anything is written.
   with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:
     f.write(text)
   plot(results, os.path.join(workdir, "curves.png"))
+  written = ["table.md", "curves.png"]
   if len(results["arms"]) > 1:
     figures.plot_effects(results, os.path.join(workdir, "effects.png"))
+    written.append("effects.png")
+  return written
 
 
 def main(argv):
@@ -158,11 +161,12 @@ def main(argv):
       results = json.load(f)
     if flags.FLAGS.include_failed is not None and isinstance(results, dict):
       results["include_failed"] = flags.FLAGS.include_failed
-    write(results, workdir)
+    written = write(results, workdir)
   except (OSError, ValueError, UserError) as e:
     # KeyError/TypeError would be bugs here: check vouches for the schema.
     message = e.strerror if isinstance(e, OSError) and e.strerror else e
     sys.exit(f"gnp.report: error: {path}: {message}")
+  print(f"gnp.report: wrote {', '.join(written)} in {workdir}")
 
 
 if __name__ == "__main__":

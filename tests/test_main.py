@@ -29,6 +29,12 @@ def test_the_readme_command_trains_and_leaves_artefacts(tmp_path):
   assert "examples/s" in result.stderr and "ETA" in result.stderr
   summary = json.load(open(tmp_path / "summary.json"))
   assert 0 <= summary["test/accuracy"] <= 1
+  # The one line on stdout: the test accuracy, the time and the workdir.
+  assert result.stdout.strip().splitlines() == [
+      f"gnp: done: test accuracy {summary['test/accuracy']:.4f}, validation"
+      f" accuracy {summary['validation/accuracy']:.4f} after 20 steps in"
+      f" {summary['wall_time_s']:.1f} s; summary.json, metrics.jsonl and"
+      f" checkpoints in {tmp_path}"]
   assert os.listdir(tmp_path / "checkpoints") == ["20"]
   assert (tmp_path / "metrics.jsonl").stat().st_size > 0
   assert os.listdir(tmp_path / "tensorboard")

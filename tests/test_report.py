@@ -315,6 +315,8 @@ def test_cli_writes_table_and_curves(tmp_path):
   assert (tmp_path / "table.md").read_text() == report.table(_results())
   assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
   assert (tmp_path / "effects.png").read_bytes().startswith(b"\x89PNG")
+  assert result.stdout.strip() == (
+      f"gnp.report: wrote table.md, curves.png, effects.png in {tmp_path}")
 
 
 @pytest.mark.parametrize("content, message", [
