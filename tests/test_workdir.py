@@ -30,39 +30,60 @@ def _snapshot(workdir):
   return out
 
 
+# gnp.main, held at step 10 until the test lets it go: sys.argv[1] is the
+# directory for the "paused" and "go" files, the rest goes to gnp.main.
+_PAUSED_MAIN = """
+import os, sys, time
+from absl import app
+from gnp import checkpoints, main
+signals = sys.argv.pop(1)
+save = checkpoints.Checkpointer.maybe_save
+def maybe_save(self, step, state, **kwargs):
+  if step == 10:
+    open(os.path.join(signals, "paused"), "w").close()
+    deadline = time.monotonic() + 300
+    while not os.path.exists(os.path.join(signals, "go")):
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+  return save(self, step, state, **kwargs)
+checkpoints.Checkpointer.maybe_save = maybe_save
+sys.argv[0] = "gnp.main"
+app.run(main.main, flags_parser=main._parse_flags)
+"""
+
+
 def test_a_second_run_into_a_busy_workdir_is_refused_and_the_first_is_clean(
     tmp_path):
-  args = ["-m", "gnp.main", "--config=configs/mnist1d.py",
-          f"--workdir={tmp_path}", "--config.num_epochs=60",
-          "--config.log_every_steps=35"]
+  workdir, signals = tmp_path / "run", tmp_path / "signals"
+  signals.mkdir()
+  args = ["--config=configs/mnist1d.py", f"--workdir={workdir}",
+          "--config.num_epochs=2", "--config.log_every_steps=5"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  first = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env,
-                           stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
+  first = subprocess.Popen(
+      [sys.executable, "-c", _PAUSED_MAIN, str(signals), *args], cwd=ROOT,
+      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   try:
-    lock = tmp_path / ".lock"
     deadline = time.monotonic() + 300
-    while not (lock.exists() and f"pid {first.pid} " in lock.read_text()):
+    while not (signals / "paused").exists():  # At step 10, holding the lock.
       assert first.poll() is None, first.stderr.read()[-3000:]
-      assert time.monotonic() < deadline, "the first run never took the lock"
-      time.sleep(0.2)
-    second = run(args, timeout=300)
-    assert first.poll() is None, "the first run ended before the second"
-    assert second.returncode == 1
+      assert time.monotonic() < deadline, "the first run never reached step 10"
+      time.sleep(0.1)
+    second = run(["-m", "gnp.main", *args], timeout=300)
+    assert second.returncode == 1, second.stderr[-3000:]
     line = second.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"gnp: error: workdir {tmp_path} is in use by"
+    assert line.startswith(f"gnp: error: workdir {workdir} is in use by"
                            f" pid {first.pid} on "), line
     assert "wait for it to finish, or use another --workdir." in line
+    (signals / "go").touch()
     assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
   finally:
     first.kill()
-  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  for kind in ("train/loss", "test/accuracy"):
-    steps = [r["step"] for r in records if kind in r]
-    assert steps == sorted(set(steps)) and steps, (kind, steps)
-  summary = json.load(open(tmp_path / "summary.json"))
-  assert summary["steps"] == 60 * 35
+  records = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  train_steps = [r["step"] for r in records if "train/loss" in r]
+  assert train_steps == list(range(5, 71, 5))  # Each log step once, in order.
+  assert [r["step"] for r in records if "test/accuracy" in r] == [35, 70]
+  assert json.load(open(workdir / "summary.json"))["steps"] == 70
 
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
