@@ -520,6 +520,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return _train_and_evaluate_locked(config, workdir, exp)
 
 
+class _WallClock:
+  """Wall time summed over the invocations of one run.
+
+  ``WORKDIR/wall_time.json`` maps each checkpoint step to the run's wall time
+  and invocation count when it was saved, so that a resumed run starts from
+  the times of the checkpoint it resumes (the work after it, done again, is
+  counted when it is done again). Only process 0 writes it.
+  """
+
+  def __init__(self, workdir: str, start: int):
+    self._path = os.path.join(workdir, "wall_time.json")
+    self._records = {}
+    if os.path.exists(self._path):
+      with open(self._path) as f:
+        self._records = json.load(f)
+    before = self._records.get(str(start), {}) if start else {}
+    self._known = not start or bool(before)
+    self._before = before.get("wall_time_s", 0.0)
+    self._invocations = before.get("invocations", 0) + 1
+
+  def totals(self, seconds: float) -> dict:
+    totals = {"wall_time_s": self._before + seconds,
+              "invocations": self._invocations}
+    if not self._known:  # A checkpoint from before wall_time.json existed.
+      totals["wall_time_note"] = "earlier invocations' time is unknown"
+    return totals
+
+  def record(self, step: int, seconds: float) -> None:
+    if jax.process_index() != 0:
+      return
+    self._records[str(step)] = {"wall_time_s": self._before + seconds,
+                                "invocations": self._invocations}
+    write_atomically(self._path, json.dumps(self._records, indent=1))
+
+
 def _finished_summary(workdir: str, total_steps: int) -> dict | None:
   """The summary of a run that finished in ``workdir``, else None."""
   path = os.path.join(workdir, "summary.json")
@@ -546,6 +581,9 @@ def _train_and_evaluate_locked(config, workdir: str, exp: Experiment) -> dict:
                               keep=config.keep_checkpoints)
   state = checkpointer.restore(state)
   start = int(state.step)
+  # Wall time and invocations up to the checkpoint resumed from (none for a
+  # fresh run), so that the summary adds up every invocation's time.
+  clock = _WallClock(workdir, start)
   writer = MetricWriter(workdir)
   writer.truncate_after(start)
   if jax.process_index() == 0:  # Whole or not at all: check_workdir reads it.
@@ -604,7 +642,8 @@ def _train_and_evaluate_locked(config, workdir: str, exp: Experiment) -> dict:
         preempted = signals.preempted(step)
         if preempted and not synced:
           _raise_if_nonfinite(state, checkpointer)
-        checkpointer.maybe_save(step, state, force=last or preempted)
+        if checkpointer.maybe_save(step, state, force=last or preempted):
+          clock.record(step, time.perf_counter() - started)
         if preempted and not last:
           checkpointer.wait()
           writer.flush()
@@ -624,7 +663,10 @@ def _train_and_evaluate_locked(config, workdir: str, exp: Experiment) -> dict:
       "steps": int(state.step),
       "epochs": int(state.step) / steps_per_epoch,
       "skipped_steps": int(state.skipped_steps),
-      "wall_time_s": wall_time,
+      # Every invocation's time up to the checkpoint each resumed from,
+      # plus this one's; the speed is this invocation's.
+      **clock.totals(wall_time),
+      "steps_this_invocation": int(state.step) - start,
       "examples_per_second": (int(state.step) - start) * config.batch_size
                              / max(wall_time, 1e-9),
       **train_record, **evals,

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from gnp import checkpoints
@@ -120,3 +121,29 @@ def test_a_finished_run_run_again_changes_no_file(tmp_path):
   again = train.train_and_evaluate(config, str(tmp_path))
   assert again == first
   assert _snapshot(tmp_path) == before
+
+
+def test_a_resumed_run_adds_up_the_wall_time_of_its_invocations(tmp_path):
+  first = train.train_and_evaluate(
+      tiny_mnist1d(num_steps=8, checkpoint_every_steps=4), str(tmp_path))
+  assert first["invocations"] == 1 and first["steps_this_invocation"] == 8
+  np.testing.assert_allclose(first["examples_per_second"],
+                             8 * 50 / first["wall_time_s"], rtol=1e-9)
+  records = json.load(open(tmp_path / "wall_time.json"))
+  assert sorted(records, key=int) == ["4", "8"]
+  assert (0 < records["4"]["wall_time_s"] < records["8"]["wall_time_s"]
+          <= first["wall_time_s"])
+  second = train.train_and_evaluate(
+      tiny_mnist1d(num_steps=12, checkpoint_every_steps=4), str(tmp_path))
+  assert second["invocations"] == 2 and second["steps_this_invocation"] == 4
+  # The first invocation's time up to checkpoint 8, then this one's own,
+  # which is also what its speed is measured over.
+  own = second["wall_time_s"] - records["8"]["wall_time_s"]
+  assert own > 0
+  np.testing.assert_allclose(second["examples_per_second"], 4 * 50 / own,
+                             rtol=1e-6)
+  last = json.load(open(tmp_path / "wall_time.json"))["12"]
+  assert last["invocations"] == 2
+  # Saved before the final evaluation, which the summary's time includes.
+  assert records["8"]["wall_time_s"] < last["wall_time_s"] <= second[
+      "wall_time_s"]

@@ -304,6 +304,22 @@ MUTANTS = [
        [T + "test_report.py", T + "test_study.py::"
         "test_a_diverging_trial_is_failed_not_scored"],
        "a diverged seed's frozen state counts as a result"),
+    _m("lock_not_taken", "gnp/train.py",
+       "with checkpoints.WorkdirLock(workdir, enabled=jax.process_index() =="
+       " 0):", "with checkpoints.WorkdirLock(workdir, enabled=False):",
+       [T + "test_workdir.py::test_a_second_run_into_a_busy_workdir_is_"
+        "refused_and_the_first_is_clean"],
+       "two runs write into one workdir"),
+    _m("finished_run_rewritten", "gnp/train.py",
+       "if finished is not None:", "if False:",
+       [T + "test_workdir.py::test_a_finished_run_run_again_changes_no_file"],
+       "running a finished run again rewrites its summary"),
+    _m("wall_time_last_invocation_only", "gnp/train.py",
+       'totals = {"wall_time_s": self._before + seconds,',
+       'totals = {"wall_time_s": seconds,',
+       [T + "test_workdir.py::test_a_resumed_run_adds_up_the_wall_time_of_"
+        "its_invocations"],
+       "a resumed run's wall time counts its last invocation only"),
     _m("collapse_threshold", "gnp/results.py",
        "if (value < chance + (median - chance) / 2",
        "if (value < chance + (median - chance) / 4",
