@@ -17,6 +17,7 @@ from tests.helpers import load_config
 from tests.helpers import run
 
 COLUMNS = ("| method | ms/step (median) | IQR (ms) | examples/s | × plain "
+           "| pipelined ms/step | pipelined examples/s "
            "| XLA memory | device peak | target | met? |")  # Spelled out.
 
 
@@ -48,6 +49,12 @@ def test_smoke_run_writes_one_row_per_method(smoke):
     batch = section["setting"]["batch_size"]
     assert row["examples_per_s"] == pytest.approx(
         batch / row["median_ms"] * 1e3)
+    # Pipelined: three bursts of 2 steps, each a per-step time.
+    assert len(row["burst_ms"]) == 3
+    assert row["pipelined_ms"] == pytest.approx(np.median(row["burst_ms"]),
+                                                rel=1e-3)
+    assert row["pipelined_examples_per_s"] == pytest.approx(
+        batch / row["pipelined_ms"] * 1e3, rel=1e-3)
 
 
 def test_ratios_are_quotients_of_medians(smoke):
@@ -177,3 +184,39 @@ def test_the_resnet_section_runs_in_bfloat16(tmp_path):
   assert gnvr["status"] == "n/a" and "BatchNorm" in gnvr["reason"]
   markdown = open(tmp_path / "bench.md").read()
   assert "## resnet18, batch 8, bfloat16 (smoke)" in markdown
+
+
+def test_a_gpu_run_with_numpy_numbers_writes_both_files(tmp_path):
+  # The first GPU run crashed at its end: a numpy float64 throughput
+  # compared with the target gave a numpy bool that json could not write,
+  # and left bench.json half written.
+  row = {"method": "plain", "label": "plain", "status": "ok",
+         "median_ms": np.float64(5.39), "q25_ms": np.float64(5.3),
+         "q75_ms": np.float64(5.5), "examples_per_s": np.float64(23_751.0),
+         "ratio": np.float64(1.0), "ratio_q25": np.float64(1.0),
+         "ratio_q75": np.float64(1.0), "pipelined_ms": np.float64(4.1),
+         "pipelined_examples_per_s": np.float64(31_219.5),
+         "xla_memory_bytes": np.int64(2 ** 30), "device_peak_bytes": None,
+         "times_ms": np.array([5.39, 5.4]), "burst_ms": [np.float32(4.1)]}
+  verdict = bench._judge("resnet18", "plain", row, GPU_RESNET)
+  assert verdict["met"] is False and type(verdict["met"]) is bool
+  row.update(verdict)
+  results = {"command": "test", "machine": {
+      "cpu": "x", "cpu_cores": np.int64(16), "python": "3.11", "jax": "0",
+      "jaxlib": "0", "backend": "gpu", "device_kind": "NVIDIA H200",
+      "device_count": 1, "git": None},
+             "models": [{"model": "resnet18", "setting": GPU_RESNET,
+                         "repeats": 2, "warmup": 1, "block": 2,
+                         "rows": [row], "config": {}}]}
+  bench.write(results, str(tmp_path))
+  written = json.load(open(tmp_path / "bench.json"))
+  assert written["models"][0]["rows"][0]["examples_per_s"] == 23_751.0
+  assert written["models"][0]["rows"][0]["times_ms"] == [5.39, 5.4]
+  assert "| plain | 5.390 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_a_failed_write_leaves_the_previous_files_whole(tmp_path):
+  (tmp_path / "bench.json").write_text('{"old": true}')
+  with pytest.raises(TypeError):
+    bench.write({"command": object()}, str(tmp_path))  # Not serialisable.
+  assert json.load(open(tmp_path / "bench.json")) == {"old": True}

@@ -320,6 +320,11 @@ MUTANTS = [
        [T + "test_workdir.py::test_a_resumed_run_adds_up_the_wall_time_of_"
         "its_invocations"],
        "a resumed run's wall time counts its last invocation only"),
+    _m("bench_numpy_bool", "gnp/bench.py",
+       "met = bool(value >= target.bound if target.throughput",
+       "met = (value >= target.bound if target.throughput",
+       [T + "test_bench.py::test_a_gpu_run_with_numpy_numbers_writes_both_"
+        "files"], "a GPU run's verdict is a numpy bool json cannot write"),
     _m("collapse_threshold", "gnp/results.py",
        "if (value < chance + (median - chance) / 2",
        "if (value < chance + (median - chance) / 4",
