@@ -292,6 +292,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
            f"regularizer_warmup={config.regularizer_warmup!r} needs "
            "optimizer.warmup_epochs > 0.")
 
+  if config.model.name in ("mlp", "cnn"):
+    hidden = config.model.hidden
+    _check(isinstance(hidden, (tuple, list)) and len(hidden) > 0
+           and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1
+                   for w in hidden),
+           "model.hidden must be a non-empty tuple of positive integers (the"
+           f" hidden widths), got {hidden!r}.")
+
   _positive_int("batch_size", config.batch_size)
   _positive_int("num_epochs", config.num_epochs)
   _positive_int("num_steps", config.num_steps, allow_none=True)

@@ -53,6 +53,12 @@ BAD = {
                         "gnvr.lam must be finite and ≥ 0"),
     "negative rho": (["--config.method=sam", "--config.sam.rho=-0.1"],
                      "sam.rho must be finite and ≥ 0"),
+    # A ZeroDivisionError traceback inside JAX's initialiser, and a linear
+    # model trained without a word, before.
+    "zero width": (["--config.model.hidden=(0,)"],
+                   "model.hidden must be a non-empty tuple of positive"),
+    "negative width": (["--config.model.hidden=(-3,)"], "got (-3,)"),
+    "no hidden layer": (["--config.model.hidden=()"], "got ()"),
     "infinite r": (["--config.method=gnp", "--config.gnp.r=inf"],
                    "gnp.r must be finite and ≥ 0, got gnp.r=inf"),
     "label noise": (["--config.dataset.label_noise=1.0"], "label_noise"),
