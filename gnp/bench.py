@@ -208,7 +208,8 @@ class _Runner:
       self.step()
     stats = jax.local_devices()[0].memory_stats()  # None on CPU.
     self.device_peak_bytes = (stats or {}).get("peak_bytes_in_use")
-    self.times: list[float] = []
+    self.times: list[float] = []  # Synchronised steps.
+    self.burst_times: list[float] = []  # Per-step times of pipelined bursts.
 
   def step(self) -> float:
     started = time.perf_counter()
@@ -242,8 +243,6 @@ def time_pipelined(runners: dict, *, repeats: int, block: int) -> None:
   """Per-step times of bursts of ``block`` steps, methods interleaved, until
   each runner has run ``repeats`` steps in bursts: ``runner.burst_times``."""
   names = list(runners)
-  for runner in runners.values():
-    runner.burst_times = []
   for round_index in range(-(-repeats // block)):
     shift = round_index % len(names)
     for name in names[shift:] + names[:shift]:

@@ -119,22 +119,14 @@ def effects(results, include_failed=None):
   differences on the paired seeds (failed runs left out unless
   ``include_failed``). In percentage points.
   """
-  rows = results_lib.summarize(results, include_failed)
-  arms = {str(arm["name"]): arm for arm in results["arms"]}
-  reference = results_lib.finals(arms[rows[0]["name"]],
-                                 results_lib.PAIRED_METRIC)
+  pp = lambda v: None if v is None else 100 * v
   out = []
-  for row in rows[1:]:
+  for row in results_lib.summarize(results, include_failed)[1:]:
     paired = row["paired"]
-    mine = results_lib.finals(arms[row["name"]], results_lib.PAIRED_METRIC)
-    pp = lambda v: None if v is None else 100 * v
-    out.append({
-        "name": row["name"], "mean": pp(paired["mean"]),
-        "low": pp(paired["low"]), "high": pp(paired["high"]),
-        "seeds": list(paired["seeds"]),
-        "differences": np.array([100 * (mine[s] - reference[s])
-                                 for s in paired["seeds"]]),
-    })
+    out.append({"name": row["name"], "seeds": list(paired["seeds"]),
+                "differences": 100 * np.asarray(paired["differences"]),
+                "mean": pp(paired["mean"]), "low": pp(paired["low"]),
+                "high": pp(paired["high"])})
   return out
 
 

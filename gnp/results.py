@@ -83,6 +83,7 @@ def _paired(arm, reference, skip=()):
   out = {"metric": PAIRED_METRIC, "seeds": common, "n": n,
          "unpaired_seeds": sorted(set(mine) ^ set(theirs)),
          "excluded_seeds": sorted((set(mine) & set(theirs)) & set(skip)),
+         "differences": diffs.tolist(),
          "mean": float(diffs.mean()) if n else None,
          "half_width": None, "low": None, "high": None}
   if n >= 2:  # One difference says nothing about its own spread.
@@ -111,7 +112,7 @@ def failures(results) -> dict[str, dict[int, dict]]:
   A seed's run failed when
   - it **diverged**: a NaN or Inf loss or update stopped it (``diverged`` in
     its results entry; its later epochs are the frozen last good state, not
-    training), or a final metric is NaN or missing where others have it;
+    training), or a final metric is NaN or null;
   - it **collapsed**: its final accuracy a (validation accuracy where every
     run has a validation split, else test accuracy) is below
     c + (m − c) / 2 and at least `COLLAPSE_MARGIN` below m, where m is the
@@ -171,9 +172,9 @@ def summarize(results, include_failed=None):
   ``trials_complete``, ``trials_failed``, ``failed`` ({seed: {"epoch",
   "reason"}}), ``include_failed`` and ``paired``: None for the first arm,
   otherwise {"metric", "seeds", "n", "unpaired_seeds", "excluded_seeds"
-  (common seeds left out as failed in either arm), "mean", "half_width",
-  "low", "high"} for arm − first arm on common seeds (t interval None if
-  n < 2).
+  (common seeds left out as failed in either arm), "differences" (per seed,
+  in ``seeds`` order), "mean", "half_width", "low", "high"} for arm − first
+  arm on common seeds (t interval None if n < 2).
   """
   check(results)
   if include_failed is None:

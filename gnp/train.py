@@ -505,9 +505,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir is this run's alone while it runs (`checkpoints.WorkdirLock`).
   Raises `gnp.errors.UserError` for a mistake in the input (including a
   workdir that is read-only, holds a different config's run or is in use by
-  another run), before any compilation and before anything is written; `gnp.errors.NonFiniteError`
-  when a step's loss or update is not finite and ``on_nonfinite`` is
-  "stop"; `gnp.errors.Preempted` after saving on SIGTERM or SIGINT.
+  another run), before any compilation and before anything is written;
+  `gnp.errors.NonFiniteError` when a step's loss or update is not finite and
+  ``on_nonfinite`` is "stop"; `gnp.errors.Preempted` after saving on SIGTERM
+  or SIGINT.
   ``dataset`` replaces the config's data (tests, notebooks).
   """
   config_lib.validate(config, num_devices=jax.device_count())
