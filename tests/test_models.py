@@ -50,6 +50,48 @@ def test_cnn_outputs_logits(ndim, shape):
   assert model.apply({"params": params}, x).shape == (3, 5)
 
 
+def test_cnn_gives_channelless_signals_one_channel():
+  # mnist1d's [B, 40]: 1-D convolutions over the signal, not a Dense layer.
+  model = CNN(features=(4, 8), num_classes=5, ndim=1)
+  x = jax.random.normal(jax.random.key(1), (3, 40))
+  params = model.init(jax.random.key(0), x)["params"]
+  shapes = jax.tree.map(jnp.shape, params)
+  assert shapes["Conv_0"]["kernel"] == (3, 1, 4)
+  assert shapes["Dense_0"]["kernel"] == (10 * 8, 5)  # 40 → 20 → 10.
+  np.testing.assert_array_equal(
+      model.apply({"params": params}, x),
+      model.apply({"params": params}, x[..., None]),
+  )
+
+
+def test_cnn_refuses_no_spatial_axis_and_inputs_of_another_rank():
+  with pytest.raises(ConfigError, match="ndim must be >= 1"):
+    CNN(ndim=0)
+  with pytest.raises(ValueError, match="ndim=1 takes inputs"):
+    jax.eval_shape(CNN(ndim=1).init, jax.random.key(0),
+                   jnp.ones((2, 8, 8, 3)))
+
+
+def test_cnn_refuses_inputs_too_short_for_its_pools():
+  model = CNN(features=(4,) * 6, ndim=1)  # 40 → 20 → 10 → 5 → 2 → 1 → 0.
+  with pytest.raises(ConfigError, match="at least 64 long"):
+    jax.eval_shape(model.init, jax.random.key(0), jnp.ones((2, 40)))
+  jax.eval_shape(model.clone(features=(4,) * 5).init, jax.random.key(0),
+                 jnp.ones((2, 40)))
+
+
+@pytest.mark.parametrize("model, shape", [
+    (MLP((4, 3)), (5,)), (CNN((2,), num_classes=3, ndim=1), (8, 2))])
+def test_small_models_default_to_the_dtype_of_their_inputs(model, shape, x64):
+  x = jnp.ones((2, *shape), jnp.float64)
+  variables = jax.tree.map(lambda a: a.astype(jnp.float64),
+                           model.init(jax.random.key(0), x))
+  assert model.apply(variables, x).dtype == jnp.float64
+  # A dtype given is the computation's; the logits are float32 at least.
+  bf16 = model.clone(dtype=jnp.bfloat16)
+  assert bf16.apply(variables, x).dtype == jnp.float32
+
+
 def test_small_models_take_and_ignore_train():
   x = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
   for model in (MLP((4, 3)), CNN(features=(4,), num_classes=3)):
