@@ -1,7 +1,7 @@
 """Step cost of every method: ``python -m gnp.bench --out=DIR``.
 
-Times the real jitted train step (`gnp.train.create_experiment(config).step`)
-of each method on one fixed batch already on the device, and writes
+Times the real jitted train step (`gnp.experiment.create_experiment(config)
+.step`) of each method on one fixed batch already on the device, and writes
 ``DIR/bench.md`` (a table) and ``DIR/bench.json`` (everything, with the
 per-step times and the machine). Rows: plain, GC, NGS, SAM, GNP (finite
 difference and exact), GNVR (vmap and ghost norms), GVR and the Hessian
@@ -50,7 +50,8 @@ from absl import logging
 
 from gnp import config as config_lib
 from gnp import data as data_lib
-from gnp import train
+from gnp import experiment
+from gnp import writers
 from gnp.errors import UserError
 from gnp.writers import write_atomically
 
@@ -264,7 +265,7 @@ def bench_model(model: str, methods, *, repeats: int, warmup: int, block: int,
   runners, refused = {}, {}
   for method in methods:
     try:
-      exp = train.create_experiment(method_config(base, method), dataset)
+      exp = experiment.create_experiment(method_config(base, method), dataset)
     except UserError as e:
       refused[method] = str(e)
       logging.info("%s/%s: n/a (%s)", model, method, e)
@@ -495,6 +496,7 @@ _SMOKE = flags.DEFINE_bool(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  writers.quiet_logs()
   models = _MODELS.value or (
       ["mlp", "resnet18"] if jax.default_backend() == "gpu" else ["mlp"])
   logging.info("Devices: %s", jax.local_devices())

@@ -58,8 +58,10 @@ class Checkpointer:
     step = self._manager.latest_step()
     if step is None:
       return state
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _key_data(state))
+    restored = self._manager.restore(
+        step, args=ocp.args.StandardRestore(target))
+    return jax.tree.map(_wrap_like, restored, state)
 
   def due(self, step: int) -> bool:
     """Whether `maybe_save` saves at ``step`` unless forced."""
@@ -68,7 +70,7 @@ class Checkpointer:
   def maybe_save(self, step: int, state, *, force: bool = False) -> bool:
     """Saves (asynchronously) at multiples of ``every``, or when forced.
 
-    The caller makes sure ``state`` is finite (`gnp.train` checks its
+    The caller makes sure ``state`` is finite (`gnp.loop` checks its
     ``nonfinite_step`` first): a checkpoint is only ever a good state.
     """
     if not force and not self.due(step):
@@ -76,7 +78,7 @@ class Checkpointer:
     if step in self._manager.all_steps():
       return False
     return self._manager.save(
-        step, args=ocp.args.StandardSave(state), force=True
+        step, args=ocp.args.StandardSave(_key_data(state)), force=True
     )
 
   def wait(self) -> None:
@@ -85,6 +87,25 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _is_key(x) -> bool:
+  return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _key_data(state):
+  """``state`` with each typed PRNG key as its raw ``uint32`` data: what is
+  saved (the same bytes a legacy ``PRNGKey`` held, so older checkpoints
+  restore too)."""
+  return jax.tree.map(
+      lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
+
+
+def _wrap_like(raw, like):
+  """A restored leaf as the typed key ``like`` is, if it is one."""
+  if not _is_key(like):
+    return raw
+  return jax.random.wrap_key_data(raw, impl=jax.random.key_impl(like))
 
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -38,14 +38,21 @@ from gnp.step import train_step_on_device_data
 
 
 def build_model(config: ml_collections.ConfigDict, dataset) -> Any:
+  """The model ``config.model`` names, sized for ``dataset``, computing in
+  ``model.dtype``."""
   m = config.model
   dtype = jnp.dtype(m.dtype)
   if m.name == "mlp":
-    return models.create("mlp", features=(*m.hidden, dataset.num_classes))
+    return models.create("mlp", features=(*m.hidden, dataset.num_classes),
+                         dtype=dtype)
   if m.name == "cnn":
+    # Inputs of shape (H, W, C) are images: 2-D convolutions. (T,) and (T, C)
+    # are 1-D signals, as mnist1d's (40,): 1-D convolutions, the model adding
+    # the channel axis to (T,).
+    ndim = max(len(dataset.input_shape) - 1, 1)
     return models.create(
         "cnn", features=tuple(m.hidden), num_classes=dataset.num_classes,
-        ndim=len(dataset.input_shape) - 1,
+        ndim=ndim, dtype=dtype,
     )
   kwargs = {"num_classes": dataset.num_classes, "dtype": dtype}
   if m.name == "wide_resnet":
@@ -174,7 +181,7 @@ def create_experiment(config: ml_collections.ConfigDict,
                       nonfinite_what=jnp.zeros((), jnp.int32),
                       skipped_steps=jnp.zeros((), jnp.int32))
 
-  rng = jax.random.PRNGKey(config.seed)
+  rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(init, rng)
   if config.method == "gnvr" and abstract.batch_stats:
     raise ConfigError(

@@ -169,7 +169,7 @@ def _train_and_evaluate_locked(config, workdir: str, exp: Experiment) -> dict:
 
   progress = Progress(total_steps, config.batch_size, start)
   started = time.perf_counter()
-  pending, evals, train_record = [], {}, {}
+  pending, evals, train_record, evaluated = [], {}, {}, False
   train_data = exp.train_data()
   epoch, epoch_indices = None, None
   try:
@@ -181,6 +181,8 @@ def _train_and_evaluate_locked(config, workdir: str, exp: Experiment) -> dict:
         # Dispatch is asynchronous: the host runs ahead until it needs a value.
         state, metrics = exp.step_on_device_data(state, train_data,
                                                  epoch_indices)
+        if step == start + 1:  # The call returns once the step has compiled.
+          progress.start()
         pending.append(metrics)
         last = step == total_steps
         log = step % config.log_every_steps == 0 or last
@@ -196,7 +198,13 @@ def _train_and_evaluate_locked(config, workdir: str, exp: Experiment) -> dict:
           writer.write(step, train_record)  # Timings stay out: runs must diff.
           progress.report(step, step / steps_per_epoch, train_record)
         if epoch_end or last:
+          if not evaluated:  # Compiles the evaluation: not training speed.
+            jax.block_until_ready(state)
+            evaluation_started = time.perf_counter()
           evals = evaluate_splits()
+          if not evaluated:
+            progress.exclude(time.perf_counter() - evaluation_started)
+            evaluated = True
           writer.write(step, evals)
           logging.info("step %d: %s", step,
                        ", ".join(f"{k} {v:.4f}" for k, v in evals.items()))

@@ -1,14 +1,13 @@
 """Trains one config: ``python -m gnp.main --config=configs/mnist1d.py --workdir=DIR``.
 
 This file is intentionally kept short: it parses flags, reports the devices
-and hands over to `gnp.train.train_and_evaluate`, where all logic lives.
+and hands over to `gnp.loop.train_and_evaluate`, where all logic lives.
 Override any config value with ``--config.section.key=value``. A mistake in
 the input exits with status 1 and one line saying what is wrong; so does a
 NaN or Inf in training (status 3). SIGTERM or SIGINT saves a checkpoint and
 exits with 128 + the signal's number; the same command resumes.
 """
 
-import logging as std_logging
 import shlex
 import sys
 
@@ -20,7 +19,8 @@ from ml_collections import config_flags
 
 from gnp import cli
 from gnp import config as config_lib
-from gnp import train
+from gnp import loop
+from gnp import writers
 from gnp.errors import NonFiniteError
 from gnp.errors import Preempted
 from gnp.errors import UserError
@@ -46,12 +46,6 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 
 
-def _quiet_orbax(record) -> bool:
-  """Orbax logs every save step at INFO; keep its warnings and errors."""
-  return (record.levelno >= std_logging.WARNING
-          or "orbax" not in record.pathname)
-
-
 def _parse_flags(argv):
   return cli.parse_config_flags(argv, program="gnp",
                                 example="configs/mnist1d.py",
@@ -59,7 +53,7 @@ def _parse_flags(argv):
 
 
 def main(argv):
-  logging.get_absl_handler().python_handler.addFilter(_quiet_orbax)
+  writers.quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if _MULTIHOST.value:
@@ -68,7 +62,7 @@ def main(argv):
   logging.info("JAX process %d of %d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
   try:
-    summary = train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
+    summary = loop.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
   except (UserError, NonFiniteError, Preempted) as e:
     logging.flush()
     if isinstance(e, Preempted):

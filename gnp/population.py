@@ -2,14 +2,14 @@
 
 A hyper-parameter study trains the same model dozens of times with different
 learning rates, weight decays, strengths and seeds. The train step reads
-those values from its state (`gnp.train.hyperparameters`), so runs that
+those values from its state (`gnp.step.hyperparameters`), so runs that
 differ only in them share one compiled step: `train` stacks their states
 along a leading "member" axis and runs ``jax.vmap`` of the step, scanned over
 each epoch's steps, as one compiled program per epoch. On a small model
 (the mnist1d MLP) this turns many under-used, dispatch-bound runs into one
 busy one.
 
-Each member is exactly the run `gnp.train.train_and_evaluate` would make
+Each member is exactly the run `gnp.loop.train_and_evaluate` would make
 of its config — same initialisation, data order, per-step randomness and
 evaluation — up to floating-point rounding, which the tests check.
 
@@ -30,7 +30,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gnp import config as config_lib
-from gnp import train as train_lib
+from gnp import experiment as experiment_lib
+from gnp import step as step_lib
 from gnp.data import pipeline
 from gnp.errors import ConfigError
 
@@ -49,7 +50,7 @@ def structure(config: ml_collections.ConfigDict) -> dict:
   """
   flat = config_lib.flatten(config)
   flat.pop("seed")
-  for key in train_lib.hyperparameter_keys(config):
+  for key in step_lib.hyperparameter_keys(config):
     value = flat.pop(key)
     if key in ("optimizer.weight_decay", "optimizer.l2"):
       flat[key + " != 0"] = bool(value)
@@ -67,9 +68,9 @@ def check_compatible(configs: Sequence[ml_collections.ConfigDict]) -> None:
       raise ConfigError(
           f"a member's config differs from the first's in {', '.join(differ)}:"
           " only the seed and the hyper-parameters"
-          f" ({', '.join(train_lib.hyperparameter_keys(configs[0]))}) may"
+          f" ({', '.join(step_lib.hyperparameter_keys(configs[0]))}) may"
           " differ between members of a population.")
-  seeds = {train_lib.data_seed(c) for c in configs}
+  seeds = {experiment_lib.data_seed(c) for c in configs}
   if len(seeds) > 1:
     raise ConfigError(
         "members of a population share one dataset: set dataset.seed (the"
@@ -90,7 +91,7 @@ class Population:
     if config.num_steps is not None:
       raise ConfigError("a population trains whole epochs: unset num_steps.")
     self.structure = structure(config)
-    self.exp = exp = train_lib.create_experiment(config, dataset)
+    self.exp = exp = experiment_lib.create_experiment(config, dataset)
     # Everything replicated over the experiment's mesh, as the step's own
     # shardings leave it: arguments placed otherwise would recompile.
     self._replicated = NamedSharding(exp.mesh, P())
@@ -102,7 +103,7 @@ class Population:
 
   def train(self, configs: Sequence[ml_collections.ConfigDict], *,
             on_epoch: Callable[[int, list[dict]], None] | None = None
-            ) -> tuple[list[dict], train_lib.TrainState]:
+            ) -> tuple[list[dict], step_lib.TrainState]:
     """Trains ``configs`` at once; see the module function `train`."""
     for config in configs:
       config_lib.validate(config, num_devices=jax.device_count())
@@ -112,9 +113,9 @@ class Population:
     if self._train_data is None:
       self._train_data = exp.train_data()
 
-    rngs = jnp.stack([jax.random.PRNGKey(c.seed) for c in configs])
+    rngs = jnp.stack([jax.random.key(c.seed) for c in configs])
     hparams = jax.tree.map(lambda *v: np.stack(v),
-                           *[train_lib.hyperparameters(c) for c in configs])
+                           *[step_lib.hyperparameters(c) for c in configs])
     states = self._init(rngs, hparams)
     histories = [{"epoch": []} for _ in configs]
     for epoch in range(exp.config.num_epochs):
@@ -129,7 +130,7 @@ class Population:
       for i, history in enumerate(histories):
         history["epoch"].append(epoch + 1)
         # As the single run's log: skipped steps stay out of the means.
-        means = train_lib.summarise_steps(
+        means = step_lib.summarise_steps(
             {k: v[:, i] for k, v in metrics.items()})
         for name in TRAIN_METRICS:
           history.setdefault(f"train/{name}", []).append(means[name])
@@ -158,12 +159,12 @@ class Population:
 
 def train(configs: Sequence[ml_collections.ConfigDict], dataset=None, *,
           on_epoch: Callable[[int, list[dict]], None] | None = None
-          ) -> tuple[list[dict], train_lib.TrainState]:
+          ) -> tuple[list[dict], step_lib.TrainState]:
   """Trains every config at once; returns (histories, stacked final states).
 
   Args:
     configs: training configs that differ only in ``seed`` and in the keys
-      of `gnp.train.hyperparameter_keys` (weight decay and L2 must be zero in
+      of `gnp.step.hyperparameter_keys` (weight decay and L2 must be zero in
       all or in none), with the same data seed. Each is validated.
     dataset: the `gnp.data.Dataset` (default: loaded from the configs).
     on_epoch: called as ``on_epoch(epoch, histories)`` after each epoch.

@@ -37,7 +37,7 @@ class TrainState(flax.struct.PyTreeNode):
   params: Any
   batch_stats: Any  # {} for models without batch normalisation.
   opt_state: Any
-  rng: jax.Array  # The run's base key (raw uint32[2]); per-step keys fold in.
+  rng: jax.Array  # The run's base key, typed; per-step keys fold it in.
   # float32 scalars by section and name, as `hyperparameters` gives them: the
   # step reads the learning rate, weight decay and the method's strengths
   # from here, so states differing only in these share one compiled step and
@@ -138,6 +138,24 @@ def train_step(state: TrainState, batch, *, model, make_tx, unit_schedule,
   ``unit_schedule`` is the learning-rate schedule for a peak of 1: both are
   completed with the hyper-parameters in ``state.hparams``.
 
+  The metrics, scalars of this step:
+
+  * ``loss``: the task loss L(θ), the mean cross-entropy plus the L2 term
+    (``optimizer.l2``) if any; ``cross_entropy`` and ``accuracy`` of the
+    batch, at θ, in training mode.
+  * ``objective``: the value the method differentiates (L(θ) for plain;
+    L(θ) plus the weighted penalty for GNP, GNVR, GVR and the Hessian
+    penalty; L(θ + ε) for SAM), so ``objective - loss`` is what the method
+    adds to the loss. ``penalty``: the method's unweighted penalty term
+    (e.g. ‖∇L‖ for GNP), as `gnp.penalties` documents it; 0 for plain.
+  * ``grad_norm``: ‖∇L(θ)‖, where the method computes ∇L.
+  * ``objective_grad_norm``: the norm of the method's gradient, the
+    direction handed to the optimiser. ``update_norm``: ‖θ' − θ‖, the norm
+    of the optimiser's update (learning rate, momentum, clipping and weight
+    decay included). ``param_norm``: ‖θ'‖ after the update.
+  * ``learning_rate``: the rate this step applied; ``nonfinite``: 1 if the
+    update was refused (below), else 0.
+
   A NaN or Inf in the loss, the gradient, the new parameters or the batch
   statistics is never applied. With ``skip_nonfinite`` the step
   counts it and moves on to the next batch; otherwise it records the step in
@@ -173,7 +191,8 @@ def train_step(state: TrainState, batch, *, model, make_tx, unit_schedule,
       "cross_entropy": jnp.mean(aux["cross_entropy"]),
       "accuracy": jnp.mean(aux["correct"]),
       "penalty": stats["penalty"],
-      "update_norm": otu.tree_norm(grads),
+      "objective_grad_norm": otu.tree_norm(grads),
+      "update_norm": otu.tree_norm(updates),
       "param_norm": otu.tree_norm(params),
       "learning_rate": learning_rate,
   }
@@ -183,7 +202,7 @@ def train_step(state: TrainState, batch, *, model, make_tx, unit_schedule,
   # in the gradient or the new parameters makes them non-finite; a scan of
   # every leaf cost NGS ~15% of its step on the mnist1d MLP. The optimiser
   # state follows from the gradient, so it is finite when the gradient is.
-  update_finite = (jnp.isfinite(metrics["update_norm"])
+  update_finite = (jnp.isfinite(metrics["objective_grad_norm"])
                    & jnp.isfinite(metrics["param_norm"])
                    & _all_finite(batch_stats))
   fault = jnp.where(

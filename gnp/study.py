@@ -24,21 +24,21 @@ sqlite:///DIR/study.db`` opens it) and each arm's final runs in
 where it stopped when the command is run again: finished trials are kept,
 trials that were running are re-proposed with the same values.
 
-``vectorize=False`` trains one run at a time with `gnp.train`, in
+What a study is (its keys, arms and validation) lives in `gnp.study_config`.
+
+``vectorize=False`` trains one run at a time with `gnp.loop`, in
 ``DIR/runs/``, with checkpoints — for models too large to stack.
 """
 
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
 import math
 import os
 import sys
 import time
 
-import jax
 import ml_collections
 import numpy as np
 import optuna
@@ -51,199 +51,24 @@ from gnp import checkpoints
 from gnp import cli
 from gnp import config as config_lib
 from gnp import data as data_lib
+from gnp import experiment as experiment_lib
+from gnp import loop
 from gnp import population
 from gnp import report
-from gnp import train as train_lib
+from gnp import writers
 from gnp.data import pipeline
-from gnp.errors import ConfigError
 from gnp.errors import NonFiniteError
 from gnp.errors import UserError
+# Also gnp.study's: a study config calls study.default_study(), study.arm().
+from gnp.study_config import apply_variant  # pylint: disable=unused-import
+from gnp.study_config import arm
+from gnp.study_config import arm_config
+from gnp.study_config import default_study
+from gnp.study_config import distribution
+from gnp.study_config import load_config
+from gnp.study_config import smoke
+from gnp.study_config import validate
 from gnp.writers import write_atomically
-
-_DISTRIBUTIONS = ("log", "uniform", "int", "choice")
-
-
-# --- Study configs ---------------------------------------------------------
-
-
-def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """``get_config(arg)`` of the training config file at ``path``."""
-  spec = importlib.util.spec_from_file_location("gnp_study_base", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def arm(name: str, description: str = "", *, overrides=None,
-        search=None) -> ml_collections.ConfigDict:
-  """One arm of a study.
-
-  Args:
-    name: the arm's name in tables and plots.
-    description: one line for the reader.
-    overrides: ``{dotted config key: value}`` applied to the study's
-      training config for this arm (e.g. ``{"method": "gnvr"}``).
-    search: ``{dotted config key: spec}``, the space Optuna searches; a spec
-      is ``("log", low, high)``, ``("uniform", low, high)``, ``("int", low,
-      high)`` or ``("choice", value, ...)``. Empty: the arm is not tuned.
-  """
-  return ml_collections.ConfigDict({
-      "name": name, "description": description,
-      "overrides": _nest(overrides or {}), "search": _nest(search or {}),
-  })
-
-
-def _nest(flat: dict) -> dict:
-  """``{"a.b": v}`` -> ``{"a": {"b": v}}`` (ConfigDict keys cannot hold dots)."""
-  nested = {}
-  for key, value in flat.items():
-    *sections, name = key.split(".")
-    node = nested
-    for section in sections:
-      node = node.setdefault(section, {})
-    node[name] = value
-  return nested
-
-
-def default_study() -> ml_collections.ConfigDict:
-  """Every study key with its default; study configs fill in the rest."""
-  c = ml_collections.ConfigDict()
-  c.name = ""
-  c.seed = 0  # Sampler seed, tuning runs' seed and the data seed.
-  c.objective = "validation/accuracy"  # A history key, read at the last epoch.
-  c.direction = "maximize"  # or "minimize"
-  c.train = config_lib.default_config()  # The training config all arms share.
-  c.arms = ()  # `arm(...)`s; the first is the reference in comparisons.
-  c.tuning = ml_collections.ConfigDict()
-  c.tuning.num_trials = 20  # Per arm.
-  c.tuning.num_epochs = 30
-  c.tuning.trials_at_once = 5  # Asked together, trained as one population.
-  c.tuning.startup_trials = 10  # Random trials before TPE takes over.
-  c.final = ml_collections.ConfigDict()
-  c.final.num_seeds = 5
-  c.final.num_epochs = 30
-  c.vectorize = True  # False: one run at a time (large models).
-  # The report leaves failed final runs (diverged or collapsed seeds, see
-  # gnp.report.failures) out of means and intervals and lists them; True
-  # counts them in (they are listed either way).
-  c.include_failed = False
-  return c
-
-
-def smoke(study: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Shrinks ``study`` to seconds: 2 trials and 2 seeds of 2 epochs."""
-  study.tuning.num_trials = 2
-  study.tuning.trials_at_once = 2
-  study.tuning.num_epochs = 2
-  study.final.num_seeds = 2
-  study.final.num_epochs = 2
-  return study
-
-
-def apply_variant(study: ml_collections.ConfigDict,
-                  arg: str | None) -> ml_collections.ConfigDict:
-  """The variants every study config takes: none, or ``smoke``."""
-  if arg == "smoke":
-    smoke(study)
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r}; the only variant is 'smoke'.")
-  return study
-
-
-def arm_config(study: ml_collections.ConfigDict, spec,
-               params: dict | None = None, *, seed: int,
-               num_epochs: int) -> ml_collections.ConfigDict:
-  """The training config of one run of arm ``spec``."""
-  config = ml_collections.ConfigDict(study.train.to_dict())
-  config.update_from_flattened_dict(config_lib.flatten(spec.overrides))
-  config.update_from_flattened_dict(dict(params or {}))
-  config.seed = seed
-  if config.dataset.seed is None:
-    config.dataset.seed = study.seed  # One dataset for every trial and seed.
-  config.num_epochs = num_epochs
-  config.num_steps = None
-  config.eval_every_epochs = 1
-  return config
-
-
-def validate(study: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError for the first thing wrong with ``study``."""
-  if not study.name:
-    raise ConfigError("the study needs a name.")
-  if not study.arms:
-    raise ConfigError("the study has no arms.")
-  names = [a.name for a in study.arms]
-  if len(set(names)) != len(names):
-    raise ConfigError(f"arm names must be unique, got {names}.")
-  if study.direction not in ("maximize", "minimize"):
-    raise ConfigError(
-        f"direction must be maximize or minimize, got {study.direction!r}.")
-  split = study.objective.partition("/")[0]
-  # Exactly the keys a tuning run's history records (gnp.population), so
-  # that an objective cannot pass here and then read NaN from every trial.
-  recorded = ("validation/accuracy", "validation/loss",
-              *(f"train/{m}" for m in population.TRAIN_METRICS))
-  if study.objective not in recorded:
-    reason = (": tuning never reads the test set" if split == "test" else
-              ", which a tuning run does not record")
-    raise ConfigError(
-        f"objective {study.objective!r} is not one of {', '.join(recorded)}"
-        f"{reason}.")
-  for name in ("num_trials", "num_epochs", "trials_at_once"):
-    if not isinstance(study.tuning[name], int) or study.tuning[name] < 1:
-      raise ConfigError(f"tuning.{name} must be a positive integer.")
-  for name in ("num_seeds", "num_epochs"):
-    if not isinstance(study.final[name], int) or study.final[name] < 1:
-      raise ConfigError(f"final.{name} must be a positive integer.")
-  for spec in study.arms:
-    search = config_lib.flatten(spec.search)
-    for key in (*config_lib.flatten(spec.overrides), *search):
-      try:
-        config_lib.check_key(key)
-      except ConfigError as e:
-        raise ConfigError(f"arm {spec.name!r}: {e}") from None
-    for key, value in search.items():
-      _distribution(spec.name, key, value)
-    config = arm_config(study, spec, _sample_point(spec), seed=study.seed,
-                        num_epochs=study.tuning.num_epochs)
-    try:
-      config_lib.validate(config, num_devices=jax.device_count())
-    except ConfigError as e:
-      raise ConfigError(f"arm {spec.name!r}: {e}") from None
-    if (split == "validation" and spec.search
-        and not config.dataset.validation_size):
-      raise ConfigError(
-          f"arm {spec.name!r} is tuned on {study.objective} but"
-          " dataset.validation_size is 0: hold out a validation split.")
-
-
-def _distribution(arm_name, key, spec) -> optuna.distributions.BaseDistribution:
-  spec = tuple(spec) if isinstance(spec, (tuple, list)) else (spec,)
-  kind, values = spec[0], spec[1:]
-  try:
-    if kind in ("log", "uniform") and len(values) == 2:
-      return optuna.distributions.FloatDistribution(
-          float(values[0]), float(values[1]), log=kind == "log")
-    if kind == "int" and len(values) == 2:
-      return optuna.distributions.IntDistribution(int(values[0]),
-                                                  int(values[1]))
-    if kind == "choice" and values:
-      return optuna.distributions.CategoricalDistribution(values)
-  except ValueError as e:
-    raise ConfigError(f"arm {arm_name!r}, search {key}: {e}") from None
-  raise ConfigError(
-      f"arm {arm_name!r}, search {key}={spec!r}: use (kind, ...) with kind"
-      f" one of {', '.join(_DISTRIBUTIONS)}, e.g. ('log', 1e-4, 1e-1).")
-
-
-def _sample_point(spec) -> dict:
-  """A point of the search space (its low ends), to validate the config."""
-  point = {}
-  for key, value in config_lib.flatten(spec.search).items():
-    dist = _distribution(spec.name, key, value)
-    point[key] = (dist.choices[0] if hasattr(dist, "choices") else dist.low)
-  return point
-
 
 # --- Training runs ---------------------------------------------------------
 
@@ -275,12 +100,12 @@ def _train(study, configs, dataset, run_dirs, populations) -> list[dict]:
 
 
 def _train_one(config, workdir: str, dataset) -> dict:
-  """`train.train_and_evaluate` with per-epoch records, read back as a history."""
+  """`gnp.loop.train_and_evaluate` with per-epoch records, as a history."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.log_every_steps = pipeline.steps_per_epoch(
       len(dataset.train[1]), config.batch_size)
   try:
-    train_lib.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     diverged = None
   except NonFiniteError as e:
     diverged = str(e)
@@ -337,7 +162,7 @@ def tune(study, spec, workdir: str, dataset, populations) -> optuna.Study:
     if t.state == optuna.trial.TrialState.RUNNING:
       probe.tell(t.number, state=optuna.trial.TrialState.FAIL)
       probe.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-  distributions = {k: _distribution(spec.name, k, v)
+  distributions = {k: distribution(spec.name, k, v)
                    for k, v in config_lib.flatten(spec.search).items()}
   while True:
     done = len(_finished(probe.trials))
@@ -464,7 +289,7 @@ def _run_locked(study: ml_collections.ConfigDict, workdir: str) -> dict:
     key = json.dumps(config.dataset.to_dict(), sort_keys=True)
     if key not in datasets:
       datasets[key] = data_lib.load(config.dataset,
-                                    seed=train_lib.data_seed(config))
+                                    seed=experiment_lib.data_seed(config))
     return datasets[key]
 
   write_atomically(os.path.join(workdir, "study_config.json"),
@@ -542,6 +367,7 @@ def _parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  writers.quiet_logs()
   optuna.logging.set_verbosity(optuna.logging.WARNING)
   try:
     results = run(flags.FLAGS.config, flags.FLAGS.workdir)

@@ -9,12 +9,34 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging as std_logging
 import math
 import os
 import time
 
 import jax
 from absl import logging
+
+
+def _worth_reading(record) -> bool:
+  """False for log records that only alarm: orbax's per-save INFO lines and
+  JAX's note that no TPU is here (on a machine without one, where it is
+  expected); warnings, errors and other backends' failures stay."""
+  if record.levelno >= std_logging.WARNING:
+    return True
+  if "orbax" in record.pathname:
+    return False
+  message = record.getMessage()
+  return not ("Unable to initialize backend 'tpu'" in message
+              and "libtpu" in message)
+
+
+def quiet_logs() -> None:
+  """Drops the log lines that only alarm (see `_worth_reading`). The
+  command-line programs call it first."""
+  handler = logging.get_absl_handler().python_handler
+  if _worth_reading not in handler.filters:
+    handler.addFilter(_worth_reading)
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -84,7 +106,15 @@ def _json_float(value) -> float | None:
 
 
 class Progress:
-  """Steps/s, examples/s and ETA since the last report."""
+  """The progress line: what the step optimises, speed and ETA.
+
+  Speed and ETA count from `start` (called once the step has compiled) and
+  leave out time given to `exclude` (the first evaluation, which compiles),
+  so the first line is not slowed by compilation. The line shows the
+  training cross-entropy and accuracy, the L2 term where there is one, and
+  the weighted penalty (``objective - loss``: what the method adds to the
+  loss), each named as such.
+  """
 
   def __init__(self, total_steps: int, batch_size: int, start_step: int):
     self._total = total_steps
@@ -92,16 +122,36 @@ class Progress:
     self._last_step = start_step
     self._last_time = time.perf_counter()
 
+  def start(self) -> None:
+    """Speed counts from now: the first step has compiled."""
+    self._last_time = time.perf_counter()
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves ``seconds`` (e.g. a first evaluation's compilation) out."""
+    self._last_time += seconds
+
   def report(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
     now = time.perf_counter()
     rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
     self._last_step, self._last_time = step, now
-    eta = datetime.timedelta(seconds=round((self._total - step) / max(rate, 1e-9)))
-    shown = " ".join(
-        f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items()
-        if k in ("train/loss", "train/accuracy", "train/penalty")
-    )
+    remaining = (self._total - step) / max(rate, 1e-9)
+    eta = datetime.timedelta(seconds=round(remaining))
     logging.info(
         "step %d/%d (epoch %.1f) | %s | %.1f steps/s, %.0f examples/s, ETA %s",
-        step, self._total, epoch, shown, rate, rate * self._batch_size, eta,
+        step, self._total, epoch, progress_fields(metrics), rate,
+        rate * self._batch_size, eta,
     )
+
+
+def progress_fields(metrics: dict[str, float]) -> str:
+  """``"cross-entropy 1.98, accuracy 0.296, weighted penalty 0.117"``."""
+  get = lambda name: metrics.get(f"train/{name}", math.nan)
+  fields = [("cross-entropy", get("cross_entropy")),
+            ("accuracy", get("accuracy"))]
+  l2_term = get("loss") - get("cross_entropy")
+  if l2_term:
+    fields.append(("L2 term", l2_term))
+  weighted_penalty = get("objective") - get("loss")
+  if weighted_penalty or get("penalty"):
+    fields.append(("weighted penalty", weighted_penalty))
+  return ", ".join(f"{name} {value:.4g}" for name, value in fields)

@@ -27,6 +27,9 @@ def test_the_readme_command_trains_and_leaves_artefacts(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert "step 20/20" in result.stderr  # The progress line.
   assert "examples/s" in result.stderr and "ETA" in result.stderr
+  assert "cross-entropy" in result.stderr
+  # No alarm about a TPU that this machine was never meant to have.
+  assert "libtpu" not in result.stderr
   summary = json.load(open(tmp_path / "summary.json"))
   assert 0 <= summary["test/accuracy"] <= 1
   # The one line on stdout: the test accuracy, the time and the workdir.

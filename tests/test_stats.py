@@ -407,7 +407,8 @@ def _sgd_step_quantities(model, params, x, y, l2, learning_rate):
   new_params = jax.tree.map(lambda a, b: a - learning_rate * b, params, g)
   return {"loss": loss(params), "cross_entropy": jnp.mean(ce),
           "accuracy": jnp.mean(jnp.argmax(logits, axis=1) == y),
-          "grad_norm": _norm(g), "update_norm": _norm(g),
+          "grad_norm": _norm(g), "objective_grad_norm": _norm(g),
+          "update_norm": learning_rate * _norm(g),
           "param_norm": _norm(new_params)}
 
 

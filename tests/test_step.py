@@ -10,6 +10,7 @@ import optax
 import pytest
 from optax import tree_utils as otu
 
+from gnp import checkpoints
 from gnp import train
 from gnp.data import augment as augment_lib
 from tests.helpers import tiny_mnist1d
@@ -98,7 +99,7 @@ def test_each_step_draws_its_own_randomness(name):
     # Only the step number (or the run's key) differs: the learning rate is
     # constant, and the metrics are taken before the update.
     moved = _copy(state).replace(step=jnp.asarray(step, jnp.int32),
-                                 rng=jnp.copy(rng))
+                                 rng=jax.random.clone(rng))
     return float(exp.step(moved, batch)[1][metric])
 
   values = [value(step) for step in (0, 1, 2, 0, 1)]
@@ -108,7 +109,7 @@ def test_each_step_draws_its_own_randomness(name):
   assert min(abs(a - b) for a, b in zip(values[:3], values[1:3] + values[:1])
              ) > 1e-4 * max(map(abs, values)), values
   assert min(map(abs, values)) > 1e-3, values
-  assert value(0, jax.random.PRNGKey(99)) != values[0]  # Each run its own.
+  assert value(0, jax.random.key(99)) != values[0]  # Each run its own.
 
 
 def test_per_step_keys_are_the_run_key_folded_with_the_step():
@@ -129,6 +130,32 @@ def test_per_step_keys_are_the_run_key_folded_with_the_step():
     expected = optax.softmax_cross_entropy_with_integer_labels(
         logits, batch[1]).mean()
     np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+
+
+def test_the_run_key_is_typed_and_checkpoints_as_the_legacy_bytes(tmp_path):
+  exp = train.create_experiment(tiny_mnist1d(seed=3))
+  state = exp.init()
+  assert jax.dtypes.issubdtype(state.rng.dtype, jax.dtypes.prng_key)
+  # The same bits a legacy PRNGKey(seed) held: runs and checkpoints made
+  # before keys were typed continue the same random stream.
+  np.testing.assert_array_equal(jax.random.key_data(state.rng),
+                                jax.random.PRNGKey(3))
+  state, _ = exp.step(state, exp.train_batch(0))
+  saver = checkpoints.Checkpointer(str(tmp_path), every=1, keep=1)
+  saver.maybe_save(1, state, force=True)
+  saver.close()
+  on_disk = checkpoints.Checkpointer(str(tmp_path), every=1, keep=1)
+  restored = on_disk.restore(exp.init())
+  on_disk.close()
+  assert restored.rng.dtype == state.rng.dtype
+  np.testing.assert_array_equal(jax.random.key_data(restored.rng),
+                                jax.random.key_data(state.rng))
+  assert int(restored.step) == 1
+  # Both states draw the same next step.
+  batch = exp.train_batch(1)
+  a = exp.step(_copy(state), batch)[1]["loss"]
+  b = exp.step(restored, batch)[1]["loss"]
+  assert float(a) == float(b)
 
 
 def test_m_sharpness_batch_norm_statistics_are_the_mean_over_groups():
