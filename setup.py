@@ -9,16 +9,17 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["gnp", "gnp.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax 0.7.0, the floor, needs 3.11.
     install_requires=[
-        "jax>=0.4.35",
-        "flax>=0.10",
-        "optax>=0.2.8",
+        # >= floors: the lowest releases that pass, tested by CI (ci/floor.sh).
+        "jax>=0.7.0",
+        "flax>=0.10.5",
+        "optax>=0.2.6",
         "chex>=0.1.87",
         "numpy",
         "absl-py",
         "ml_collections",
-        "orbax-checkpoint",
+        "orbax-checkpoint>=0.11.22",
         "tensorflow-datasets",
         # tensorflow-datasets imports it but declares it only for Python < 3.9.
         "importlib_resources",
@@ -31,5 +32,7 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist"],
+        # To read the TensorBoard event files the runs write.
+        "tensorboard": ["tensorboard"],
     },
 )
