@@ -13,6 +13,8 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import numbers
+import re
 
 import ml_collections
 from ml_collections import config_dict
@@ -35,7 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Data. Which fields matter depends on the dataset's name.
   c.dataset = ml_collections.ConfigDict()
-  c.dataset.name = "mnist1d"
+  c.dataset.name = "mnist1d"  # mnist1d, cifar10, cifar100 or synthetic.
   # Fixes the data (mnist1d generation, validation split, noisy labels)
   # apart from ``seed``; None = ``seed``. Studies fix it so that every trial
   # and seed sees the same data.
@@ -45,10 +47,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.label_noise = 0.0  # Fraction of training labels randomised.
   c.dataset.data_dir = config_dict.placeholder(str)  # TFDS: None = default.
   c.dataset.download = True  # TFDS: may download when not prepared.
-  c.dataset.input_shape = (40,)  # synthetic
-  c.dataset.num_classes = 10  # synthetic
-  c.dataset.num_train = 1000  # synthetic
-  c.dataset.num_test = 200  # synthetic
+  c.dataset.input_shape = (40,)  # synthetic: the shape of one input.
+  c.dataset.num_classes = 10  # synthetic: the number of classes.
+  c.dataset.num_train = 1000  # synthetic: training examples.
+  c.dataset.num_test = 200  # synthetic: test examples.
 
   # Augmentation, on the device inside the step; all off = none.
   c.augment = ml_collections.ConfigDict()
@@ -60,11 +62,11 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Model. Which fields matter depends on its name.
   c.model = ml_collections.ConfigDict()
-  c.model.name = "mlp"
+  c.model.name = "mlp"  # mlp, cnn, resnet18, wide_resnet or vgg16_bn.
   c.model.hidden = (256, 256)  # mlp: hidden widths; cnn: conv widths.
-  c.model.depth = 28  # wide_resnet
-  c.model.width = 10  # wide_resnet
-  c.model.dropout_rate = 0.0  # wide_resnet
+  c.model.depth = 28  # wide_resnet: 6n + 4 layers.
+  c.model.width = 10  # wide_resnet: the widening factor.
+  c.model.dropout_rate = 0.0  # wide_resnet: dropout in each block.
   c.model.dtype = "float32"  # Computation dtype; parameters stay float32.
 
   # The regulariser: one method and its hyper-parameters.
@@ -76,18 +78,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.gnp.normalize_first = False  # Mix g/‖g‖ instead of g.
   c.gnp.group_size = config_dict.placeholder(int)  # m-sharpness; None = batch.
   c.sam = ml_collections.ConfigDict()
-  c.sam.rho = 0.05
-  c.sam.group_size = config_dict.placeholder(int)
+  c.sam.rho = 0.05  # The ascent radius ρ.
+  c.sam.group_size = config_dict.placeholder(int)  # m-sharpness; None = batch.
   c.gnvr = ml_collections.ConfigDict()
-  c.gnvr.lam = 0.01
-  c.gnvr.ddof = 1
+  c.gnvr.lam = 0.01  # λ: weight of the per-example gradient-norm variance.
+  c.gnvr.ddof = 1  # The variance divides by batch_size - ddof.
   c.gnvr.method = "auto"  # Per-example norms: auto, ghost or vmap.
   c.gvr = ml_collections.ConfigDict()
-  c.gvr.alpha = 0.01
+  c.gvr.alpha = 0.01  # α: weight of ‖∇L(view 1) − ∇L(view 2)‖².
   c.gvr.wrt = config_dict.placeholder(str)  # Regex on param paths; None = last layer.
   c.hessian = ml_collections.ConfigDict()
-  c.hessian.lam = 0.001
-  c.hessian.num_probes = 1
+  c.hessian.lam = 0.001  # λ: weight of the Hutchinson estimate of ‖H‖_F².
+  c.hessian.num_probes = 1  # Rademacher probes per step.
   # Relax the penalty during the learning-rate warm-up (Zhao et al., 2024):
   # none, lambda (strength ramps from 0), r (radius ramps; gnp, sam) or zero.
   c.regularizer_warmup = "none"
@@ -113,13 +115,13 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Loop.
   c.batch_size = 100  # Global, over all devices and hosts.
-  c.num_epochs = 30
+  c.num_epochs = 30  # Passes over the training split.
   c.num_steps = config_dict.placeholder(int)  # Stop early (smoke runs).
-  c.eval_batch_size = 1000
-  c.eval_every_epochs = 1
-  c.log_every_steps = 100
-  c.checkpoint_every_steps = 1000
-  c.keep_checkpoints = 2
+  c.eval_batch_size = 1000  # Evaluation is exact whatever its size.
+  c.eval_every_epochs = 1  # Validation and test evaluation.
+  c.log_every_steps = 100  # Progress line and metrics.jsonl record.
+  c.checkpoint_every_steps = 1000  # And at the end, and on SIGTERM.
+  c.keep_checkpoints = 2  # The last this many are kept.
   # A NaN or Inf in the loss or the update: "stop" ends the run with the step
   # and the quantity, keeping the last good checkpoint; "skip" leaves the
   # state as it was, moves on to the next batch and counts the step in
@@ -141,6 +143,20 @@ RESUMABLE_KEYS = (
 
 
 _IMAGE_DATASETS = {"cifar10": ((32, 32, 3), 10), "cifar100": ((32, 32, 3), 100)}
+# The per-example input shape of each dataset with a fixed one (synthetic:
+# ``dataset.input_shape``), for the checks that need it before the data loads.
+INPUT_SHAPES = {"mnist1d": (40,),
+                **{name: shape for name, (shape, _) in _IMAGE_DATASETS.items()}}
+
+# Upper bounds: far above any run gnp makes, low enough that a value with a
+# few zeros too many is refused here, before it exhausts the memory or runs
+# for ever.
+MAX_STEPS = 2**31 - 1  # The step counter is int32.
+MAX_WIDTH = 2**16  # Units or channels of one layer.
+MAX_EVAL_BATCH = 2**16
+MAX_DEPTH = 1000  # wide_resnet
+MAX_PROBES = 1000  # hessian: probes are vmapped, each a copy of the params.
+NUM_SEEDS = 2**32  # PRNGKey and mnist1d's generator take 32-bit seeds.
 
 
 def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -208,18 +224,54 @@ def _one_of(name: str, value, choices):
   )
 
 
+def _is_number(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _nonnegative(name: str, value, *, strict=False):
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-  ok = ok and math.isfinite(value) and (value > 0 if strict else value >= 0)
+  ok = _is_number(value) and math.isfinite(value)
+  ok = ok and (value > 0 if strict else value >= 0)
   _check(ok, f"{name} must be finite and {'> 0' if strict else '≥ 0'}, "
          f"got {name}={value!r}.")
+
+
+def _fraction(name: str, value):
+  """A number in [0, 1): momenta, dropout."""
+  _check(_is_number(value) and 0 <= value < 1,  # also rejects NaN
+         f"{name} must be in [0, 1), got {name}={value!r}.")
 
 
 def _positive_int(name: str, value, *, allow_none=False):
   if value is None and allow_none:
     return
-  ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+  ok = _is_int(value) and value >= 1
   _check(ok, f"{name} must be a positive integer, got {name}={value!r}.")
+
+
+def _int_in(name: str, value, low: int, high: int, why: str = "", *,
+            allow_none=False):
+  """An integer in [low, high]; ``why`` explains the bound, e.g. " (int32)"."""
+  if value is None and allow_none:
+    return
+  _check(_is_int(value) and low <= value <= high,
+         f"{name} must be an integer in [{low}, {high}]{why}, got"
+         f" {name}={value!r}.")
+
+
+def input_shape(dataset: ml_collections.ConfigDict) -> tuple[int, ...] | None:
+  """The per-example input shape the ``dataset`` section will load, or None
+  if its name or its ``input_shape`` is wrong (the data refuses those)."""
+  if dataset.name in INPUT_SHAPES:
+    return INPUT_SHAPES[dataset.name]
+  shape = dataset.input_shape
+  if (dataset.name == "synthetic" and isinstance(shape, (tuple, list))
+      and shape and all(_is_int(d) and d >= 1 for d in shape)):
+    return tuple(shape)
+  return None
 
 
 @functools.cache
@@ -241,9 +293,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
   """Raises `ConfigError` for the first thing wrong with ``config``.
 
   Checks what can be checked without data or compilation: unknown keys (with
-  the closest known key), names, ranges, and divisibility of the batch by the
-  device count and the m-sharpness group. The dataset checks its own fields
-  (sizes, label noise) when it loads, still before compilation.
+  the closest known key), names, types and ranges (sizes up to the ``MAX_*``
+  bounds), divisibility of the batch by the device count and the m-sharpness
+  group, and augmentations against the dataset's input shape. The dataset
+  checks its own fields (sizes, label noise) when it loads, still before
+  compilation.
   """
   known = _known_keys()
   given = flatten(config)
@@ -262,15 +316,48 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
   _one_of("gnvr.method", config.gnvr.method, ("auto", "ghost", "vmap"))
   _one_of("on_nonfinite", config.on_nonfinite, ("stop", "skip"))
 
+  _int_in("seed", config.seed, 0, NUM_SEEDS - 1)
+  _int_in("dataset.seed", config.dataset.seed, 0, NUM_SEEDS - 1,
+          allow_none=True)
+
+  # The loop first: the optimiser's and the regularisers' checks use it.
+  _positive_int("batch_size", config.batch_size)
+  _int_in("num_epochs", config.num_epochs, 1, MAX_STEPS,
+          " (the step counter is int32)")
+  _int_in("num_steps", config.num_steps, 1, MAX_STEPS,
+          " (the step counter is int32)", allow_none=True)
+  _int_in("eval_batch_size", config.eval_batch_size, 1, MAX_EVAL_BATCH)
+  for name in ("eval_every_epochs", "log_every_steps",
+               "checkpoint_every_steps", "keep_checkpoints"):
+    _positive_int(name, config[name])
+  _check(
+      config.batch_size % num_devices == 0,
+      f"batch_size={config.batch_size} is not divisible by the device count"
+      f" {num_devices}.",
+  )
+
   opt = config.optimizer
-  for name in ("learning_rate", "weight_decay", "l2", "momentum",
-               "warmup_epochs", "step_factor"):
+  for name in ("learning_rate", "weight_decay", "l2", "warmup_epochs",
+               "step_factor"):
     _nonnegative(f"optimizer.{name}", opt[name])
+  _check(opt.warmup_epochs <= config.num_epochs,
+         "optimizer.warmup_epochs must be finite and in [0, num_epochs="
+         f"{config.num_epochs}], got optimizer.warmup_epochs="
+         f"{opt.warmup_epochs!r}.")
   if opt.grad_clip is not None:
     _nonnegative("optimizer.grad_clip", opt.grad_clip, strict=True)
-  for name in ("b1", "b2"):
-    _check(0 <= opt[name] < 1,
-           f"optimizer.{name} must be in [0, 1), got {opt[name]!r}.")
+  for name in ("momentum", "b1", "b2"):
+    _fraction(f"optimizer.{name}", opt[name])
+  epochs = opt.step_epochs
+  _check(isinstance(epochs, (tuple, list))
+         and all(_is_int(e) and e >= 1 for e in epochs),
+         "optimizer.step_epochs must be a tuple of positive integers (the"
+         f" epochs where the learning rate drops), got {epochs!r}.")
+  if opt.schedule == "step":
+    _check(epochs and max(epochs) <= config.num_epochs,
+           "optimizer.schedule='step' needs optimizer.step_epochs, a"
+           f" non-empty tuple of integers in [1, num_epochs={config.num_epochs}"
+           f"], got {epochs!r}.")
 
   for name in ("gnp.r", "gnp.alpha", "sam.rho", "gnvr.lam", "gvr.alpha",
                "hessian.lam"):
@@ -278,9 +365,20 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
     _nonnegative(name, config[section][field])
   _check(not (config.gnp.exact and config.gnp.normalize_first),
          "gnp.exact and gnp.normalize_first cannot both be set.")
-  _positive_int("hessian.num_probes", config.hessian.num_probes)
-  _check(isinstance(config.gnvr.ddof, int) and 0 <= config.gnvr.ddof,
+  _int_in("hessian.num_probes", config.hessian.num_probes, 1, MAX_PROBES)
+  _check(_is_int(config.gnvr.ddof) and 0 <= config.gnvr.ddof,
          f"gnvr.ddof must be a non-negative integer, got {config.gnvr.ddof!r}.")
+  if config.method == "gnvr":
+    _int_in("gnvr.ddof", config.gnvr.ddof, 0, config.batch_size - 1,
+            " (the variance over a batch of batch_size="
+            f"{config.batch_size} divides by batch_size - ddof)")
+  wrt = config.gvr.wrt
+  if wrt is not None:
+    try:
+      re.compile(wrt)
+    except (re.error, TypeError) as e:
+      _fail("gvr.wrt must be a regular expression searched in the parameters'"
+            f" paths (e.g. 'Dense_2|stage4'), got gvr.wrt={wrt!r}: {e}.")
   if config.regularizer_warmup == "r":
     _check(config.method in ("gnp", "sam"),
            "regularizer_warmup='r' ramps a radius: it applies to gnp and sam,"
@@ -291,26 +389,6 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
     _check(opt.warmup_epochs > 0,
            f"regularizer_warmup={config.regularizer_warmup!r} needs "
            "optimizer.warmup_epochs > 0.")
-
-  if config.model.name in ("mlp", "cnn"):
-    hidden = config.model.hidden
-    _check(isinstance(hidden, (tuple, list)) and len(hidden) > 0
-           and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1
-                   for w in hidden),
-           "model.hidden must be a non-empty tuple of positive integers (the"
-           f" hidden widths), got {hidden!r}.")
-
-  _positive_int("batch_size", config.batch_size)
-  _positive_int("num_epochs", config.num_epochs)
-  _positive_int("num_steps", config.num_steps, allow_none=True)
-  for name in ("eval_batch_size", "eval_every_epochs", "log_every_steps",
-               "checkpoint_every_steps", "keep_checkpoints"):
-    _positive_int(name, config[name])
-  _check(
-      config.batch_size % num_devices == 0,
-      f"batch_size={config.batch_size} is not divisible by the device count"
-      f" {num_devices}.",
-  )
   group_size = {"gnp": config.gnp.group_size, "sam": config.sam.group_size}
   group_size = group_size.get(config.method)
   if group_size is not None:
@@ -322,18 +400,62 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
         f" batch_size={config.batch_size}.",
     )
 
+  model = config.model
+  if model.name in ("mlp", "cnn"):
+    hidden = model.hidden
+    _check(isinstance(hidden, (tuple, list)) and len(hidden) > 0
+           and all(_is_int(w) and 1 <= w <= MAX_WIDTH for w in hidden),
+           "model.hidden must be a non-empty tuple of positive integers up"
+           f" to {MAX_WIDTH} (the hidden widths), got {hidden!r}.")
+  if model.name == "wide_resnet":
+    depth = model.depth
+    _check(_is_int(depth) and 10 <= depth <= MAX_DEPTH
+           and (depth - 4) % 6 == 0,
+           "model.depth must be 6n + 4 with n ≥ 1 (10, 16, 22, 28, 40, ...)"
+           f" and at most {MAX_DEPTH}, got model.depth={depth!r}.")
+    _int_in("model.width", model.width, 1, MAX_WIDTH // 64,
+            " (the last stage has 64 × width channels)")
+    _fraction("model.dropout_rate", model.dropout_rate)
+
   data = config.dataset
-  _check(isinstance(data.validation_size, int) and data.validation_size >= 0,
+  _check(_is_int(data.validation_size) and data.validation_size >= 0,
          "dataset.validation_size must be a non-negative integer, got "
          f"{data.validation_size!r}.")
-  aug = config.augment
-  for name in ("crop_padding", "cutout", "max_shift"):
-    _check(isinstance(aug[name], int) and aug[name] >= 0,
-           f"augment.{name} must be a non-negative integer, got {aug[name]!r}.")
-  _nonnegative("augment.noise_std", aug.noise_std)
+  _validate_augment(config.augment, data)
   if config.method == "gvr":
+    aug = config.augment
     _check(
         any((aug.crop_padding, aug.flip, aug.cutout, aug.noise_std,
              aug.max_shift)),
         "method='gvr' compares two augmented views; configure augment.*.",
     )
+
+
+def _validate_augment(aug: ml_collections.ConfigDict,
+                      dataset: ml_collections.ConfigDict) -> None:
+  """Types and ranges of ``augment``, and that they fit the inputs' shape."""
+  for name in ("crop_padding", "cutout", "max_shift"):
+    _check(_is_int(aug[name]) and aug[name] >= 0,
+           f"augment.{name} must be a non-negative integer, got {aug[name]!r}.")
+  _check(isinstance(aug.flip, bool),
+         f"augment.flip must be True or False, got {aug.flip!r}.")
+  _nonnegative("augment.noise_std", aug.noise_std)
+  shape = input_shape(dataset)
+  if shape is None:
+    return
+  image_ops = [n for n in ("crop_padding", "flip", "cutout") if aug[n]]
+  signal_ops = [n for n in ("noise_std", "max_shift") if aug[n]]
+  if image_ops:
+    _check(len(shape) == 3,
+           f"augment.{image_ops[0]} applies to images (height, width,"
+           f" channels); {dataset.name}'s inputs have shape {shape}.")
+    side = min(shape[:2])
+    for name in ("crop_padding", "cutout"):
+      _int_in(f"augment.{name}", aug[name], 0, side,
+              f" (the side of {dataset.name}'s {shape[0]}×{shape[1]} images)")
+  if signal_ops:
+    _check(len(shape) in (1, 2),
+           f"augment.{signal_ops[0]} applies to 1-D signals (length(,"
+           f" channels)); {dataset.name}'s inputs have shape {shape}.")
+    _int_in("augment.max_shift", aug.max_shift, 0, shape[0],
+            f" (the length of {dataset.name}'s signals)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Any, Callable
 
 import jax
@@ -159,6 +160,12 @@ def create_experiment(config: ml_collections.ConfigDict,
     dataset = data_lib.load(config.dataset, seed=data_seed(config))
   steps_per_epoch = pipeline.steps_per_epoch(len(dataset.train[0]),
                                              config.batch_size)
+  if not config.num_steps and (config.num_epochs * steps_per_epoch
+                               > config_lib.MAX_STEPS):
+    raise ConfigError(
+        f"num_epochs={config.num_epochs} × {steps_per_epoch} steps per epoch"
+        f" is more than the {config_lib.MAX_STEPS} steps the int32 step"
+        " counter holds; lower num_epochs.")
   model = build_model(config, dataset)
   unit_schedule = optim.learning_rate_schedule(
       config.optimizer, steps_per_epoch, config.num_epochs * steps_per_epoch,
@@ -181,8 +188,19 @@ def create_experiment(config: ml_collections.ConfigDict,
                       nonfinite_what=jnp.zeros((), jnp.int32),
                       skipped_steps=jnp.zeros((), jnp.int32))
 
-  rng = jax.random.key(config.seed)
-  abstract = jax.eval_shape(init, rng)
+  def init_from_seed(hparams):
+    # The key is made inside: making it eagerly would compile a program
+    # before the checks below.
+    return init(jax.random.key(config.seed), hparams)
+
+  abstract = jax.eval_shape(init_from_seed, hparams)
+  if config.method == "gvr" and config.gvr.wrt is not None:
+    paths = [jax.tree_util.keystr(path, simple=True, separator="/")
+             for path, _ in jax.tree.leaves_with_path(abstract.params)]
+    if not any(re.search(config.gvr.wrt, path) for path in paths):
+      raise ConfigError(
+          f"gvr.wrt={config.gvr.wrt!r} matches none of the parameters'"
+          f" paths ({', '.join(paths[:4])}{', ...' if len(paths) > 4 else ''}).")
   if config.method == "gnvr" and abstract.batch_stats:
     raise ConfigError(
         "method='gnvr' needs per-example gradients, which batch normalisation"
@@ -198,6 +216,7 @@ def create_experiment(config: ml_collections.ConfigDict,
                    regularizer=regularizer, preprocess=dataset.preprocess,
                    augment=augment, use_l2=bool(config.optimizer.l2),
                    skip_nonfinite=config.on_nonfinite == "skip")
+  init_jit = jax.jit(init_from_seed, out_shardings=state_sharding)
   step_fn = jax.jit(
       functools.partial(train_step, **step_args),
       in_shardings=(state_sharding, split),
@@ -221,7 +240,9 @@ def create_experiment(config: ml_collections.ConfigDict,
       steps_per_epoch=steps_per_epoch,
       total_steps=config.num_steps or config.num_epochs * steps_per_epoch,
       mesh=mesh, abstract_state=abstract,
-      init=lambda: jax.jit(init, out_shardings=state_sharding)(rng),
+      # hparams as an argument, not a constant: one compiled init for every
+      # setting of the traced hyper-parameters.
+      init=lambda: init_jit(hparams),
       init_state=init,
       step=step_fn, step_on_device_data=step_on_device_data, eval=eval_fn,
   )

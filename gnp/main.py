@@ -1,11 +1,16 @@
-"""Trains one config: ``python -m gnp.main --config=configs/mnist1d.py --workdir=DIR``.
+"""Trains one config and evaluates it on the validation and test splits.
 
-This file is intentionally kept short: it parses flags, reports the devices
-and hands over to `gnp.loop.train_and_evaluate`, where all logic lives.
-Override any config value with ``--config.section.key=value``. A mistake in
-the input exits with status 1 and one line saying what is wrong; so does a
-NaN or Inf in training (status 3). SIGTERM or SIGINT saves a checkpoint and
-exits with 128 + the signal's number; the same command resumes.
+    python -m gnp.main --config=configs/mnist1d.py --workdir=DIR
+    python -m gnp.main --config=configs/mnist1d.py --workdir=D2 \\
+        --config.method=sam --config.sam.rho=0.1
+
+configs/*.py hold the experiments; any key can be changed with
+--config.KEY=VALUE. Every key, its default and what it does is listed at the
+end of this help, and in gnp/config.py. Rerunning the same command resumes
+from the workdir's last checkpoint. A mistake in the input exits with status
+1 and one line saying what is wrong; a NaN or Inf in training with status 3;
+SIGTERM or SIGINT saves a checkpoint and exits with 128 + the signal's
+number.
 """
 
 import shlex
@@ -42,8 +47,13 @@ _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "--multihost: this process's index (default:"
     " detected).")
 config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (configs/*.py[:variant]).",
-    lock_config=True)
+    "config", None, "Experiment config file, configs/NAME.py[:variant];"
+    " required.", lock_config=True)
+cli.hide_config_default()
+# --help shows this docstring: end it with every key.
+__doc__ += ("\nThe config keys (--config.KEY=DEFAULT):\n"
+            + cli.config_keys_help(config_lib.default_config(),
+                                   config_lib.default_config) + "\n")
 
 
 def _parse_flags(argv):
@@ -71,6 +81,14 @@ def main(argv):
       sys.exit(128 + e.signum)
     print(f"gnp: error: {e}", file=sys.stderr)
     sys.exit(3 if isinstance(e, NonFiniteError) else 1)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    logging.flush()
+    print(f"gnp: error: out of memory: {cli.out_of_memory_line(e)}; lower"
+          " batch_size or the model's size, or use more devices.",
+          file=sys.stderr)
+    sys.exit(1)
   if jax.process_index() == 0:
     print(done_line(summary, _WORKDIR.value), flush=True)
 

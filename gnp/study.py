@@ -355,8 +355,17 @@ def _define_flags():
       "workdir", None, "Directory for study.db, results.json, table.md and"
       " curves.png; a study resumes from what it holds.", required=True)
   config_flags.DEFINE_config_file(
-      "config", None, "Study config file (configs/studies/*.py[:variant]).",
-      lock_config=True)
+      "config", None, "Study config file, configs/studies/NAME.py[:variant];"
+      " required.", lock_config=True)
+  cli.hide_config_default()
+  # --help shows the module docstring: end it with every study key.
+  global __doc__  # pylint: disable=global-statement
+  __doc__ += (
+      "\nThe study keys (--config.KEY=DEFAULT), in gnp/study_config.py:\n"
+      + cli.config_keys_help(default_study(), default_study,
+                             skip=("train", "arms"))
+      + "\n  --config.train.KEY=VALUE\n      Any training key, for every"
+      " arm: python -m gnp.main --help lists them.\n")
 
 
 def _parse_flags(argv):

@@ -64,20 +64,20 @@ def _nest(flat: dict) -> dict:
 def default_study() -> ml_collections.ConfigDict:
   """Every study key with its default; study configs fill in the rest."""
   c = ml_collections.ConfigDict()
-  c.name = ""
+  c.name = ""  # Required: the study's name in tables and plots.
   c.seed = 0  # Sampler seed, tuning runs' seed and the data seed.
   c.objective = "validation/accuracy"  # A history key, read at the last epoch.
-  c.direction = "maximize"  # or "minimize"
+  c.direction = "maximize"  # Of the objective: "maximize" or "minimize".
   c.train = config_lib.default_config()  # The training config all arms share.
   c.arms = ()  # `arm(...)`s; the first is the reference in comparisons.
   c.tuning = ml_collections.ConfigDict()
-  c.tuning.num_trials = 20  # Per arm.
-  c.tuning.num_epochs = 30
+  c.tuning.num_trials = 20  # Optuna trials per tuned arm.
+  c.tuning.num_epochs = 30  # Each trial's training length.
   c.tuning.trials_at_once = 5  # Asked together, trained as one population.
   c.tuning.startup_trials = 10  # Random trials before TPE takes over.
   c.final = ml_collections.ConfigDict()
-  c.final.num_seeds = 5
-  c.final.num_epochs = 30
+  c.final.num_seeds = 5  # Retrained seeds per arm: seed + 1, + 2, ...
+  c.final.num_epochs = 30  # Each retrained seed's training length.
   c.vectorize = True  # False: one run at a time (large models).
   # The report leaves failed final runs (diverged or collapsed seeds, see
   # gnp.report.failures) out of means and intervals and lists them; True

@@ -7,7 +7,9 @@
 #   DATA_DIR=/data   tensorflow-datasets directory (default: TFDS's own)
 #   SEED=1           the run's seed
 #   VARIANT=...      a variant of the config (see configs/cifar100_sam.py)
-#   SMOKE=1          synthetic data and 2 steps: checks an install, no dataset
+#   SMOKE=1          synthetic data of CIFAR's shape, 2 steps of the real model:
+#                    checks an install, no dataset (1-3 min on a 2-core CPU,
+#                    nearly all of it compilation)
 # and any further arguments go to gnp.main, e.g. --config.num_epochs=100.
 #
 # GPU: JAX preallocates 75% of GPU memory; XLA_PYTHON_CLIENT_MEM_FRACTION=.9

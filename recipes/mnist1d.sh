@@ -7,7 +7,8 @@
 #   DATA_DIR=/data   tensorflow-datasets directory (default: TFDS's own)
 #   SEED=1           the run's seed
 #   VARIANT=...      a variant of the config (see configs/mnist1d.py)
-#   SMOKE=1          synthetic data and 2 steps: checks an install, no dataset
+#   SMOKE=1          20 steps of this run (mnist1d is generated, no download):
+#                    checks an install in seconds
 # and any further arguments go to gnp.main, e.g. --config.num_epochs=100.
 #
 # GPU: JAX preallocates 75% of GPU memory; XLA_PYTHON_CLIENT_MEM_FRACTION=.9

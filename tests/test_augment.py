@@ -286,3 +286,16 @@ def test_options_that_do_not_fit_the_data_raise_config_errors():
   shift = augment.make_augment(_augment_config(max_shift=2))
   with pytest.raises(ConfigError, match="augment.max_shift"):
     shift(KEY, jnp.ones((4, 8, 8, 3)))
+
+
+@pytest.mark.parametrize("field, shape", [
+    ("crop_padding", (2, 8, 8, 3)), ("cutout", (2, 8, 6, 3)),
+    ("max_shift", (2, 40))])
+def test_sizes_beyond_the_input_raise_config_errors(field, shape):
+  side = min(shape[1:3])
+  fits = augment.make_augment(_augment_config(**{field: side}))
+  assert fits(KEY, jnp.ones(shape)).shape == shape
+  too_big = augment.make_augment(_augment_config(**{field: side + 1}))
+  with pytest.raises(ConfigError, match=rf"augment.{field} must be an integer"
+                     rf" in \[0, {side}\]"):
+    too_big(KEY, jnp.ones(shape))

@@ -6,7 +6,9 @@ import re
 
 import pytest
 
+from gnp import cli
 from gnp import config as config_lib
+from gnp import study_config
 from gnp import train
 from gnp.errors import ConfigError
 from tests.helpers import load_config
@@ -81,6 +83,15 @@ BAD = {
     "unknown variant": (["--config=configs/mnist1d.py:bogus"], "bogus"),
     "missing config file": (["--config=configs/nothere.py"], "nothere.py"),
     "bad value type": (["--config.batch_size=ten"], "batch_size=ten"),
+    # Within validate's bound for num_epochs, but not once the data says how
+    # many steps an epoch has: the int32 step counter would wrap.
+    "too many steps": (["--config.num_epochs=1000000000"],
+                       "steps the int32 step counter holds"),
+    # Raised when the step was traced, after the workdir was written, before.
+    "gvr.wrt matching nothing": (["--config.method=gvr",
+                                  "--config.augment.noise_std=0.1",
+                                  "--config.gvr.wrt=nothing_named_so"],
+                                 "matches none of the parameters' paths"),
 }
 
 
@@ -210,3 +221,28 @@ def test_config_variants():
           wrn.optimizer.momentum, wrn.optimizer.nesterov,
           wrn.optimizer.schedule) == (256, 0.1, 200, 1e-3, 0.1, 0.8, 5.0, 0.9,
                                       True, "cosine")
+
+
+@pytest.mark.parametrize("program, defaults", [
+    ("gnp.main", config_lib.default_config),
+    ("gnp.study", study_config.default_study),
+])
+def test_help_says_what_it_does_and_lists_every_config_key(program, defaults):
+  result = run(["-m", program, "--help"])
+  assert result.returncode in (0, 1), result.stderr[-3000:]  # absl's: 1.
+  assert "Traceback" not in result.stderr
+  first = result.stdout.strip().splitlines()[0]
+  assert first.startswith(("Trains one config", "Studies: tune")), first
+  listed = set(re.findall(r"^  --config\.([\w.]+)=", result.stdout, re.M))
+  keys = {k for k in config_lib.flatten(defaults())
+          if k.split(".")[0] not in ("train", "arms")}
+  assert keys <= listed, sorted(keys - listed)
+  assert "(default: 'None')" not in result.stdout
+
+
+def test_out_of_memory_is_one_line():
+  error = RuntimeError(
+      "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184"
+      " bytes.\nBufferAssignment OOM Debugging.\n...")
+  assert cli.out_of_memory_line(error) == (
+      "Out of memory while trying to allocate 17179869184 bytes.")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import math
 import numbers
 
 import jax
@@ -43,6 +44,13 @@ __all__ = ["DATASETS", "Dataset", "augment", "load", "pipeline"]
 
 # The names ``config.dataset.name`` may take.
 DATASETS = ("mnist1d", "cifar10", "cifar100", "synthetic")
+
+# Upper bounds on generated data, so that a value with a few zeros too many
+# is refused at once: mnist1d generates ~1,000 samples a second on one core;
+# synthetic inputs are float32 (2**31 numbers are 8 GiB).
+MAX_MNIST1D_SAMPLES = 10**6
+MAX_SYNTHETIC_CLASSES = 2**16
+MAX_SYNTHETIC_NUMBERS = 2**31
 
 Split = tuple[np.ndarray, np.ndarray]
 
@@ -142,7 +150,8 @@ def _source(config: ml_collections.ConfigDict, seed: int):
   """The named dataset's (train, test, num_classes, preprocess)."""
   name = config.name
   if name == "mnist1d":
-    num_samples = _int_field(config, "num_samples", minimum=10)
+    num_samples = _int_field(config, "num_samples", minimum=10,
+                             maximum=MAX_MNIST1D_SAMPLES)
     if num_samples % mnist1d.NUM_CLASSES:
       # mnist1d makes num_samples // 10 per class; silently generating fewer
       # than asked would make every count derived from the config wrong.
@@ -162,11 +171,24 @@ def _source(config: ml_collections.ConfigDict, seed: int):
           "dataset.input_shape must be a non-empty tuple of positive integers,"
           f" got {shape!r}."
       )
-    num_classes = _int_field(config, "num_classes", minimum=2)
-    train, test = synthetic.make(
-        tuple(shape), num_classes,
-        num_train=_int_field(config, "num_train", minimum=1),
-        num_test=_int_field(config, "num_test", minimum=1), seed=seed)
+    num_classes = _int_field(config, "num_classes", minimum=2,
+                             maximum=MAX_SYNTHETIC_CLASSES)
+    num_train = _int_field(config, "num_train", minimum=1)
+    num_test = _int_field(config, "num_test", minimum=1)
+    dim = math.prod(shape)
+    # The teacher is [dim, num_classes], the inputs [num_train + num_test,
+    # *shape].
+    size = (num_train + num_test + num_classes) * dim
+    if size > MAX_SYNTHETIC_NUMBERS:
+      raise ConfigError(
+          f"synthetic data of (num_train + num_test + num_classes) ×"
+          f" prod(input_shape) = {size:,} numbers is more than the"
+          f" {MAX_SYNTHETIC_NUMBERS:,} allowed (8 GiB); shrink"
+          " dataset.num_train, num_test, num_classes or input_shape."
+      )
+    train, test = synthetic.make(tuple(shape), num_classes,
+                                 num_train=num_train, num_test=num_test,
+                                 seed=seed)
     return train, test, num_classes, to_float32
   if not isinstance(config.download, bool):
     raise ConfigError(
@@ -182,11 +204,14 @@ def _is_int(value) -> bool:
 
 
 def _int_field(config: ml_collections.ConfigDict, field: str, *,
-               minimum: int) -> int:
+               minimum: int, maximum: int | None = None) -> int:
   value = config[field]
-  if not _is_int(value) or value < minimum:
+  if (not _is_int(value) or value < minimum
+      or (maximum is not None and value > maximum)):
+    allowed = (f">= {minimum}" if maximum is None
+               else f"in [{minimum}, {maximum}]")
     raise ConfigError(
-        f"dataset.{field} must be an integer >= {minimum}, got {value!r}."
+        f"dataset.{field} must be an integer {allowed}, got {value!r}."
     )
   return int(value)
 

@@ -215,6 +215,14 @@ def make_augment(config: ml_collections.ConfigDict) -> Augment:
       raise ConfigError(f"augment.{signal_ops[0]} applies to 1-D signals [B,"
                         f" T(, C)]; this dataset's batches have shape"
                         f" {x.shape}.")
+    # Larger sizes pad or blank beyond the whole input (and 10**12 would not
+    # fit in memory): `gnp.config.validate` refuses them for named datasets.
+    side = min(x.shape[1:3]) if image_ops else x.shape[1]
+    for name, size in (("crop_padding", crop_padding), ("cutout", cutout_size),
+                       ("max_shift", max_shift)):
+      if size > side:
+        raise ConfigError(f"augment.{name} must be an integer in [0, {side}]"
+                          f" (the inputs' side), got augment.{name}={size}.")
     key_crop, key_flip, key_cutout, key_signal = jax.random.split(key, 4)
     if crop_padding:
       x = random_crop(key_crop, x, crop_padding)
