@@ -18,6 +18,10 @@ Objective: J(θ) = L(θ) + λ ‖∇L(θ)‖₂, with gradient
 * m-sharpness: with ``group_size=m`` the batch is cut into groups of m
   examples and each group takes its own perturbation (and penalty ‖∇L_j‖);
   the update is the mean over groups.
+* bfloat16 layers on float32 parameters round θ + r ĝ to bfloat16, losing
+  most of r ĝ; ``split_perturbation`` makes them see it (`precision`). The
+  exact update needs no split: its tangent ĝ is cast on its own scale. See
+  docs/mixed_precision.md for what either costs and achieves.
 
 ‖g‖ = 0 (a batch fit perfectly, a dead network) gives ĝ = 0, never NaN.
 """
@@ -28,6 +32,7 @@ import jax
 
 from gnp import _checks
 from gnp.penalties import _base
+from gnp.penalties import precision
 
 
 def _mix(a, b, weight_a, weight_b):
@@ -37,19 +42,32 @@ def _mix(a, b, weight_a, weight_b):
   )
 
 
-def perturbed_gradients(loss_fn, params, batch, key, radius):
+def perturbed_gradients(loss_fn, params, batch, key, radius, split=False):
   """The two passes shared by finite-difference GNP and SAM.
 
   Returns (loss, aux, g, ‖g‖, ĝ, perturbed loss, ∇L(θ + radius ĝ)); `aux`
   comes from the unperturbed pass (its batch statistics are the ones to keep).
+  With `split`, low-precision layers see the perturbation exactly
+  (`precision.value_and_grad_at`); without such layers nothing changes.
   """
-  value_and_grad = jax.value_and_grad(
-      _base.mean_loss_fn(loss_fn, batch, key), has_aux=True
-  )
-  (loss, aux), grads = value_and_grad(params)
+  mean_loss = _base.mean_loss_fn(loss_fn, batch, key)
+  value_and_grad = jax.value_and_grad(mean_loss, has_aux=True)
+  calls = []
+  if split:
+    (loss, aux), grads = jax.value_and_grad(
+        _base.mean_loss_fn(precision.recording(loss_fn, calls), batch, key),
+        has_aux=True)(params)
+  else:
+    (loss, aux), grads = value_and_grad(params)
   direction, grad_norm = _base.safe_normalize(grads)
-  perturbed = _mix(params, direction, 1.0, radius)
-  (perturbed_loss, _), perturbed_grads = value_and_grad(perturbed)
+  if calls:
+    shift = jax.tree.map(lambda p, d: (radius * d).astype(p.dtype), params,
+                         direction)
+    (perturbed_loss, _), perturbed_grads = precision.value_and_grad_at(
+        mean_loss, params, shift, calls=calls)
+  else:
+    perturbed = _mix(params, direction, 1.0, radius)
+    (perturbed_loss, _), perturbed_grads = value_and_grad(perturbed)
   return loss, aux, grads, grad_norm, direction, perturbed_loss, perturbed_grads
 
 
@@ -61,6 +79,7 @@ def gradient_norm(
     exact: bool = False,
     normalize_first: bool = False,
     group_size: int | None = None,
+    split_perturbation: bool = False,
 ) -> _base.GradientFn:
   """Gradient norm penalty: the gradient of L(θ) + α r ‖∇L(θ)‖.
 
@@ -73,6 +92,11 @@ def gradient_norm(
     normalize_first: mix ĝ = g/‖g‖ rather than g (finite difference only).
     group_size: m for m-sharpness (must divide the batch size); None = the
       whole batch takes one perturbation.
+    split_perturbation: evaluate each low-precision ``nn.Dense``/``nn.Conv``
+      (e.g. bfloat16 on float32 parameters) at θ + r ĝ as
+      f(x; θ) + f(x; r ĝ), so that it sees r ĝ, not its rounding against θ
+      (`gnp.penalties.precision`; finite difference only). No effect where
+      no layer computes in a narrower dtype than its parameters.
 
   Returns:
     A `GradientFn`. Its ``loss`` is the objective L + λ‖∇L‖ (mean over groups
@@ -82,7 +106,7 @@ def gradient_norm(
 
   Raises:
     ValueError: negative ``r`` or ``alpha``, a bad ``group_size``, or
-      ``normalize_first`` with ``exact``.
+      ``normalize_first`` or ``split_perturbation`` with ``exact``.
 
   Example:
     >>> import jax, jax.numpy as jnp, gnp
@@ -98,10 +122,17 @@ def gradient_norm(
         "normalize_first=True applies to the finite-difference update only; "
         "the exact gradient of L + λ‖∇L‖ has no normalised-first form."
     )
+  if exact and split_perturbation:
+    raise ValueError(
+        "split_perturbation=True applies to the finite-difference update "
+        "only; the exact update perturbs nothing (its Hessian-vector "
+        "product carries ĝ as a tangent, cast on its own scale)."
+    )
 
   def finite_difference(params, batch, key):
     loss, aux, grads, grad_norm, direction, perturbed_loss, perturbed_grads = (
-        perturbed_gradients(loss_fn, params, batch, key, r)
+        perturbed_gradients(loss_fn, params, batch, key, r,
+                            split=split_perturbation)
     )
     first = direction if normalize_first else grads
     update = _mix(first, perturbed_grads, 1.0 - alpha, alpha)
@@ -131,5 +162,6 @@ def gradient_norm(
     return loss + alpha * r * grad_norm, aux, update, stats
 
   body = hessian_vector if exact else finite_difference
-  name = f"gradient_norm(r={r}, alpha={alpha}, exact={exact})"
+  name = f"gradient_norm(r={r}, alpha={alpha}, exact={exact}" + (
+      ", split_perturbation=True)" if split_perturbation else ")")
   return _base.GradientFn(name, _base.in_groups(body, group_size))

@@ -11,6 +11,10 @@ through it (third-order derivatives); the penalty's gradient must not stop at
 the Hessian-vector product, and here it does not.
 
 Randomness: ``key`` is split into a key for ``loss_fn`` and one for the probes.
+
+Mixed precision: nothing is perturbed. v enters as a tangent, and ±1 is exact
+in bfloat16, so bfloat16 layers round H v only as they round any gradient
+(docs/mixed_precision.md).
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ https://arxiv.org/abs/2010.01412.
 Objective: max_{‖ε‖ ≤ ρ} L(θ + ε) ≈ L(θ + ρ ĝ), ĝ = g / ‖g‖.
 Update: ``∇L(θ + ρ ĝ)`` — the finite-difference gradient norm penalty with
 α = 1 and r = ρ. With ``group_size=m`` each group of m examples takes its own
-perturbation (m-sharpness; the original per-device SAM).
+perturbation (m-sharpness; the original per-device SAM). With bfloat16 layers
+on float32 parameters, ``split_perturbation`` makes the layers see ρ ĝ
+rather than its rounding against θ (`precision`, docs/mixed_precision.md).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def sam(
     *,
     rho: jax.typing.ArrayLike,
     group_size: int | None = None,
+    split_perturbation: bool = False,
 ) -> _base.GradientFn:
   """Sharpness-aware minimisation: the gradient at θ + ρ g/‖g‖.
 
@@ -33,6 +36,11 @@ def sam(
     rho: the neighbourhood radius (≥ 0); may be a traced scalar.
     group_size: m for m-sharpness (must divide the batch size); None = one
       perturbation for the whole batch.
+    split_perturbation: evaluate each low-precision ``nn.Dense``/``nn.Conv``
+      (e.g. bfloat16 on float32 parameters) at θ + ρ ĝ as
+      f(x; θ) + f(x; ρ ĝ), so that it sees ρ ĝ, not its rounding against θ
+      (`gnp.penalties.precision`). No effect where no layer computes in a
+      narrower dtype than its parameters.
 
   Returns:
     A `GradientFn`. Its ``loss`` is the sharpness-aware loss L(θ + ρ ĝ); aux
@@ -53,7 +61,8 @@ def sam(
 
   def body(params, batch, key):
     loss, aux, _, grad_norm, _, perturbed_loss, perturbed_grads = (
-        perturbed_gradients(loss_fn, params, batch, key, rho)
+        perturbed_gradients(loss_fn, params, batch, key, rho,
+                            split=split_perturbation)
     )
     stats = {
         "task_loss": loss,
@@ -62,4 +71,6 @@ def sam(
     }
     return perturbed_loss, aux, perturbed_grads, stats
 
-  return _base.GradientFn(f"sam(rho={rho})", _base.in_groups(body, group_size))
+  name = f"sam(rho={rho}" + (", split_perturbation=True)"
+                             if split_perturbation else ")")
+  return _base.GradientFn(name, _base.in_groups(body, group_size))

@@ -13,6 +13,10 @@ g¹ − g² = ∇_W (L(x¹) − L(x²)), one backward pass).
 The two views are concatenated along the batch axis and ``loss_fn`` runs once
 on the 2B examples, so batch statistics see both views; ``aux`` is that call's.
 ``key`` is split into a key for ``views`` and one for ``loss_fn``.
+
+Mixed precision: the parameters are not perturbed; g¹ − g² comes out of one
+backward pass, accumulated before it is rounded, so bfloat16 layers round it
+as they round any gradient (docs/mixed_precision.md).
 """
 
 from __future__ import annotations
