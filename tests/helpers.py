@@ -59,3 +59,14 @@ def tiny_study(**overrides):
   config.final.num_epochs = 2
   config.update_from_flattened_dict(overrides)
   return config
+
+
+def equations(jaxpr):
+  """Every equation of a jaxpr, including those of nested jaxprs."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          yield from equations(sub)

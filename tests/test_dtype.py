@@ -16,6 +16,7 @@ from gnp import config as config_lib
 from gnp import data
 from gnp import train
 from gnp.experiment import build_model
+from tests.helpers import equations
 from tests.helpers import tiny_mnist1d
 
 MATMULS = ("dot_general", "conv_general_dilated")
@@ -69,20 +70,9 @@ def _build(case, dtype):
   return model, variables, x
 
 
-def _equations(jaxpr):
-  """Every equation of a jaxpr, including those of nested jaxprs."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          yield from _equations(sub)
-
-
 def _matmuls(fn, *args):
   jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-  return [eqn for eqn in _equations(jaxpr) if eqn.primitive.name in MATMULS]
+  return [eqn for eqn in equations(jaxpr) if eqn.primitive.name in MATMULS]
 
 
 def _dtypes(eqn):
@@ -143,7 +133,7 @@ def test_the_mnist1d_cnn_convolves_and_pools_along_the_signal():
       "Dense_0": {"kernel": (10 * 8, 10), "bias": (10,)},
   }
   jaxpr = jax.make_jaxpr(functools.partial(_forward, model))(variables, x)
-  eqns = list(_equations(jaxpr.jaxpr))
+  eqns = list(equations(jaxpr.jaxpr))
   convs = [e for e in eqns if e.primitive.name == "conv_general_dilated"]
   assert [len(e.params["window_strides"]) for e in convs] == [1, 1]
   assert [e.invars[0].aval.shape for e in convs] == [(2, 40, 1), (2, 20, 4)]

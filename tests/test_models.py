@@ -17,6 +17,7 @@ from gnp.models import ResNet
 from gnp.models import ResNet18
 from gnp.models import VGG16BN
 from gnp.models import WideResNet
+from tests.helpers import equations
 
 
 def test_mlp_is_the_mnist1d_architecture():
@@ -240,17 +241,6 @@ def test_eval_mode_is_per_example_and_train_mode_is_not(bn_model):
   assert not np.allclose(evaluate(trained, with_1), evaluate(variables, with_1))
 
 
-def _equations(jaxpr):
-  """Every equation of a jaxpr, including those of nested jaxprs."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          yield from _equations(sub)
-
-
 def test_bfloat16_computes_in_bfloat16_on_float32_params(bn_model):
   model, variables, x, _, _ = bn_model
   model = model.clone(dtype=jnp.bfloat16)
@@ -265,7 +255,7 @@ def test_bfloat16_computes_in_bfloat16_on_float32_params(bn_model):
   assert np.all(np.isfinite(logits))
   jaxpr = jax.make_jaxpr(train)(variables, x[:2]).jaxpr
   matmuls = [
-      eqn for eqn in _equations(jaxpr)
+      eqn for eqn in equations(jaxpr)
       if eqn.primitive.name in ("conv_general_dilated", "dot_general")
   ]
   assert matmuls
