@@ -117,7 +117,9 @@ def effects(results, include_failed=None):
   95% t interval, as `gnp.results.summarize` gives them, None where they
   are undefined) and ``seeds`` and ``differences``: the per-seed
   differences on the paired seeds (failed runs left out unless
-  ``include_failed``). In percentage points.
+  ``include_failed``); ``replicates`` and ``replicate_means``, each
+  replicate's mean difference; and ``estimator``, what the interval is over
+  ("seeds" or "replicates"). In percentage points.
   """
   pp = lambda v: None if v is None else 100 * v
   out = []
@@ -125,6 +127,10 @@ def effects(results, include_failed=None):
     paired = row["paired"]
     out.append({"name": row["name"], "seeds": list(paired["seeds"]),
                 "differences": 100 * np.asarray(paired["differences"]),
+                "replicates": list(paired["replicates"]),
+                "replicate_means": 100 * np.asarray(
+                    paired["replicate_means"]),
+                "estimator": paired["estimator"],
                 "mean": pp(paired["mean"]), "low": pp(paired["low"]),
                 "high": pp(paired["high"])})
   return out
@@ -132,25 +138,33 @@ def effects(results, include_failed=None):
 
 def effects_figure(results, include_failed=None):
   """A forest plot of `effects(results)`: per arm, the mean difference to
-  the first arm with its 95% interval, and each seed's difference as a dot;
-  a line at zero."""
+  the first arm with its 95% interval, and each seed's difference as a dot
+  (with replicates: each replicate's mean as a ring, the seeds fainter); a
+  line at zero."""
   rows = effects(results, include_failed)
   reference = str(results["arms"][0]["name"])
+  replicated = any(row["estimator"] == "replicates" for row in rows)
   fig = Figure(figsize=(7, 1.2 + 0.6 * max(len(rows), 1)), dpi=120,
                layout="constrained")
   ax = fig.subplots()
   ax.axvline(0.0, color="0.5", linewidth=1)
   for y, row in enumerate(rows):
     ax.plot(row["differences"], np.full(len(row["differences"]), y), "o",
-            color="C0", alpha=0.4, markersize=4)
+            color="C0", alpha=0.2 if replicated else 0.4, markersize=4)
+    if replicated:
+      ax.plot(row["replicate_means"], np.full(len(row["replicate_means"]), y),
+              "o", color="C1", markerfacecolor="none", markersize=9)
     if row["low"] is not None:
       ax.plot([row["low"], row["high"]], [y, y], color="C0", linewidth=2)
     if row["mean"] is not None:
       ax.plot([row["mean"]], [y], "D", color="C0", markersize=7)
   ax.set_yticks(range(len(rows)), [row["name"] for row in rows])
   ax.set_ylim(len(rows) - 0.5, -0.5)  # The first arm on top, as in the table.
-  ax.set(xlabel=f"Δ test accuracy vs {reference} (pp)",
-         title="Mean difference (◆), 95% t interval (bar), seeds (●)")
+  title = "Mean difference (◆), 95% t interval (bar), seeds (●)"
+  if replicated:
+    title = ("Mean over replicates (◆), 95% t interval over replicates (bar),"
+             "\nreplicates' means (○), seeds (●)")
+  ax.set(xlabel=f"Δ test accuracy vs {reference} (pp)", title=title)
   ax.grid(axis="x", alpha=0.3)
   return fig
 

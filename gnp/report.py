@@ -75,7 +75,31 @@ def _paired_cell(paired):
     return f"{_DASH} (no common seeds)"
   ci = _DASH if paired["low"] is None else (
       f"[{paired['low'] * 100:+.2f}, {paired['high'] * 100:+.2f}]")
-  return f"{paired['mean'] * 100:+.2f} {ci} (n={paired['n']})"
+  n = f"n={paired['n']}"
+  if paired["estimator"] == "replicates":
+    n = f"R={len(paired['replicates'])}, {n}"
+  return f"{paired['mean'] * 100:+.2f} {ci} ({n})"
+
+
+def _params_cell(row):
+  """The best setting; over replicates, each key's range."""
+  settings = [r["best_params"] for r in row["replicates"]]
+  if len(settings) <= 1:
+    return format_params(row["best_params"])
+  keys = list(dict.fromkeys(k for p in settings for k in p))
+  if not keys:
+    return _DASH
+  parts = []
+  for key, short in zip(keys, format_params(dict.fromkeys(keys, 0)).split(
+      ", ")):
+    name = short.rsplit(" ", 1)[0]
+    values = [p[key] for p in settings if key in p]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool)
+           for v in values):
+      parts.append(f"{name} {min(values):.1e}–{max(values):.1e}")
+    else:
+      parts.append(f"{name} {'/'.join(dict.fromkeys(map(str, values)))}")
+  return ", ".join(parts) + f" ({len(settings)} replicates)"
 
 
 def _cell(text):
@@ -89,7 +113,7 @@ def table(results, include_failed=None):
   header = ["Arm", "Test acc. (%)", "Val. acc. (%)", "Val. loss",
             "Train loss", "Test loss", "Seeds", "Failed",
             "Best hyper-parameters",
-            f"Δ test acc. vs {rows[0]['name']} (pp, 95% CI)"]
+            f"Δ test acc. vs {rows[0]['name']} (pp, 95% CI)", "Verdict"]
   lines = [f"# Study: {_cell(results.get('study', ''))}", "",
            "| " + " | ".join(_cell(h) for h in header) + " |",
            "|" + "|".join("---" for _ in header) + "|"]
@@ -103,8 +127,9 @@ def table(results, include_failed=None):
     cells = [row["name"], _pm(m["test/accuracy"], 100, 2),
              _pm(m["validation/accuracy"], 100, 2), _pm(m["validation/loss"]),
              _pm(m["train/cross_entropy"]), _pm(m["test/loss"]), seeds,
-             str(len(row["failed"])), format_params(row["best_params"]),
-             _paired_cell(row["paired"])]
+             str(len(row["failed"])), _params_cell(row),
+             _paired_cell(row["paired"]),
+             _DASH if row["verdict"] is None else row["verdict"]]
     lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
   objective = results.get("objective") or {}
   trials = ", ".join(
@@ -119,17 +144,51 @@ def table(results, include_failed=None):
     footer += " Wall time: " + ", ".join(
         f"{k} {float(v):.1f} s" for k, v in wall.items()) + "."
   included = rows[0]["include_failed"]
-  lines += ["", "Mean ± sample std over seeds of the last epoch; accuracies"
-            " in percent, differences in percentage points; failed runs"
-            f" {'included (include_failed)' if included else 'left out'}.",
-            "", _cell(footer)]
+  replicated = max(r["num_replicates"] for r in rows) > 1
+  if replicated:
+    runs = ("Mean ± sample std over all runs (every replicate's seeds) of"
+            " the last epoch")
+    interval = (
+        f"Δ: the mean over the {rows[0]['num_replicates']} replicates of"
+        " each replicate's seed-paired mean difference, with the 95% t"
+        " interval over those replicate means (R − 1 degrees of freedom):"
+        " each replicate tunes and retrains anew, so the interval covers"
+        " the tuning draw and the seeds")
+  else:
+    runs = "Mean ± sample std over seeds of the last epoch"
+    interval = ("Δ: the mean of the seed-paired differences with their 95% t"
+                " interval; it covers seed noise only, not another tuning"
+                " draw (tuning.replicates)")
+  lines += ["", f"{runs}; accuracies in percent, differences in percentage"
+            " points; failed runs"
+            f" {'included (include_failed)' if included else 'left out'}."
+            f" {interval}. Verdict: better or worse where the interval"
+            " excludes 0.", "", _cell(footer)]
+  if replicated:
+    lines += ["", "Per replicate: best hyper-parameters (tuning objective),"
+              " mean test accuracy, Δ test accuracy to"
+              f" {rows[0]['name']}:", ""]
+    for row in rows:
+      for rep in row["replicates"]:
+        value = ("" if rep["best_value"] is None
+                 else f" ({rep['best_value']:.4f})")
+        accuracy = (_DASH if rep["test_accuracy"] is None
+                    else f"{rep['test_accuracy'] * 100:.2f}%")
+        delta = ("" if rep["paired_mean"] is None
+                 else f", Δ {rep['paired_mean'] * 100:+.2f} pp")
+        lines.append(
+            f"- {_cell(row['name'])}, replicate {rep['replicate']}:"
+            f" {_cell(format_params(rep['best_params']))}{value};"
+            f" {accuracy}{delta}")
   failed = [(r["name"], seed, f) for r in rows
             for seed, f in r["failed"].items()]
   if failed:
     lines += ["", f"Failed runs ({len(failed)}, "
               f"{'included in' if included else 'left out of'} the means and"
               " intervals; the rule is in `gnp.report.failures`):", ""]
-    lines += [f"- {name}, seed {seed}, epoch {f['epoch']}: {_cell(f['reason'])}"
+    lines += [f"- {name},"
+              + (f" replicate {f['replicate']}," if replicated else "")
+              + f" seed {seed}, epoch {f['epoch']}: {_cell(f['reason'])}"
               for name, seed, f in failed]
   described = [r for r in rows if r["description"]]
   if described:

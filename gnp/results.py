@@ -3,6 +3,7 @@ summaries and paired differences. `gnp.report` tabulates them and
 `gnp.figures` draws them; both are importable from `gnp.report` too.
 """
 
+import collections
 import math
 
 import numpy as np
@@ -45,6 +46,16 @@ def check(results):
     values = [s["seed"] for s in seeds]
     if len(set(values)) != len(values):
       raise UserError(f"arm {arm['name']!r} repeats a seed: {values}")
+    if not all(isinstance(s.get("replicate", 0), int)
+               and not isinstance(s.get("replicate", 0), bool)
+               and s.get("replicate", 0) >= 0 for s in seeds):
+      raise UserError(f"arm {arm['name']!r}: a seed's 'replicate' must be a"
+                      " non-negative integer")
+    if not all(isinstance(r, dict) and isinstance(r.get("replicate"), int)
+               and isinstance(r.get("best_params") or {}, dict)
+               for r in arm.get("replicates", [])):
+      raise UserError(f"arm {arm['name']!r}: each of 'replicates' needs a"
+                      " 'replicate' number and 'best_params'")
 
 
 def finals(arm, key, skip=()):
@@ -65,6 +76,11 @@ def finals(arm, key, skip=()):
   return out
 
 
+def replicate_of(arm) -> dict[int, int]:
+  """{seed: its replicate} (0 where results.json predates replicates)."""
+  return {s["seed"]: s.get("replicate", 0) for s in arm.get("seeds", [])}
+
+
 def _mean_std(values):
   values = np.asarray(values, dtype=np.float64)
   return {"values": values.tolist(),
@@ -72,25 +88,69 @@ def _mean_std(values):
           "std": float(values.std(ddof=1)) if values.size > 1 else None}
 
 
+def _t_interval(values):
+  """(half width of the 95% t interval of the mean of ``values``) or None."""
+  values = np.asarray(values, dtype=np.float64)
+  if values.size < 2:  # One value says nothing about its own spread.
+    return None
+  return float(stats.t.ppf(0.975, values.size - 1) * values.std(ddof=1)
+               / math.sqrt(values.size))
+
+
 def _paired(arm, reference, skip=()):
-  """Per-seed differences arm − reference on the seeds both have, leaving
-  out the seeds in ``skip`` (failed in either arm)."""
+  """Differences arm − reference, paired by seed on the seeds both have,
+  leaving out the seeds in ``skip`` (failed in either arm).
+
+  With one replicate the interval is the t interval over the per-seed
+  differences. With several, each replicate's paired differences are
+  averaged first, and the interval is the t interval over those replicate
+  means (R − 1 degrees of freedom): each replicate is an independent run of
+  the whole protocol (tuning draw, then seeds), so the spread of its means
+  holds both the tuning and the seed variation. ``mean`` is then the mean
+  of the replicate means.
+  """
   mine = finals(arm, PAIRED_METRIC)
   theirs = finals(reference, PAIRED_METRIC)
   common = sorted((set(mine) & set(theirs)) - set(skip))
   diffs = np.array([mine[k] - theirs[k] for k in common], dtype=np.float64)
   n = len(common)
+  replicate = replicate_of(arm)
+  by_replicate = collections.defaultdict(list)
+  for seed, diff in zip(common, diffs):
+    by_replicate[replicate[seed]].append(diff)
+  replicates = sorted(by_replicate)
+  means = np.array([np.mean(by_replicate[r]) for r in replicates],
+                   dtype=np.float64)
+  replicated = len(set(replicate.values()) | set(
+      replicate_of(reference).values())) > 1
   out = {"metric": PAIRED_METRIC, "seeds": common, "n": n,
          "unpaired_seeds": sorted(set(mine) ^ set(theirs)),
          "excluded_seeds": sorted((set(mine) & set(theirs)) & set(skip)),
          "differences": diffs.tolist(),
-         "mean": float(diffs.mean()) if n else None,
-         "half_width": None, "low": None, "high": None}
-  if n >= 2:  # One difference says nothing about its own spread.
-    half = float(stats.t.ppf(0.975, n - 1) * diffs.std(ddof=1) / math.sqrt(n))
+         "replicates": replicates, "replicate_means": means.tolist(),
+         "estimator": "replicates" if replicated else "seeds",
+         "mean": None, "half_width": None, "low": None, "high": None}
+  values = means if replicated else diffs
+  if values.size:
+    out["mean"] = float(values.mean())
+  half = _t_interval(values)
+  if half is not None:
     out.update(half_width=half, low=out["mean"] - half,
                high=out["mean"] + half)
   return out
+
+
+def verdict(paired) -> str | None:
+  """"better", "worse" or "no detectable difference" from ``paired``'s 95%
+  interval (None without one): better or worse only where the interval
+  excludes zero."""
+  if paired is None or paired["low"] is None:
+    return None
+  if paired["low"] > 0:
+    return "better"
+  if paired["high"] < 0:
+    return "worse"
+  return "no detectable difference"
 
 
 # A seed's run that collapsed lost more than half of its arm's typical gain
@@ -107,7 +167,8 @@ def accuracy_key(results) -> str:
 
 
 def failures(results) -> dict[str, dict[int, dict]]:
-  """The failed final runs: ``{arm name: {seed: {"epoch", "reason"}}}``.
+  """The failed final runs: ``{arm name: {seed: {"epoch", "reason",
+  "replicate"}}}``.
 
   A seed's run failed when
   - it **diverged**: a NaN or Inf loss or update stopped it (``diverged`` in
@@ -116,7 +177,8 @@ def failures(results) -> dict[str, dict[int, dict]]:
   - it **collapsed**: its final accuracy a (validation accuracy where every
     run has a validation split, else test accuracy) is below
     c + (m − c) / 2 and at least `COLLAPSE_MARGIN` below m, where m is the
-    median final accuracy of the arm's seeds that did not diverge and c is
+    median final accuracy of the arm's seeds that did not diverge (in the
+    seed's replicate: replicates train different settings) and c is
     chance, 1 / ``num_classes`` (0 where results.json does not say). It lost
     more than half of the arm's typical gain over chance. An arm whose
     seeds mostly fail to learn has m near c, and none of them counts as
@@ -142,17 +204,22 @@ def failures(results) -> dict[str, dict[int, dict]]:
           failed[seed["seed"]] = {
               "epoch": len(values), "reason": f"non-finite final {name}"}
           break
+    replicate = replicate_of(arm)
     accuracies = finals(arm, key, skip=failed)
-    if accuracies:
-      median = float(np.median(list(accuracies.values())))
-      for seed, value in accuracies.items():
-        if (value < chance + (median - chance) / 2
-            and median - value >= COLLAPSE_MARGIN):
-          epochs = len(next(s for s in arm["seeds"]
-                            if s["seed"] == seed)["history"][key])
-          failed[seed] = {"epoch": epochs, "reason": (
-              f"collapsed: {key} {value:.1%} against the arm's median"
-              f" {median:.1%} (chance {chance:.1%})")}
+    medians = {r: float(np.median([v for seed, v in accuracies.items()
+                                   if replicate[seed] == r]))
+               for r in set(replicate[seed] for seed in accuracies)}
+    for seed, value in accuracies.items():
+      median = medians[replicate[seed]]
+      if (value < chance + (median - chance) / 2
+          and median - value >= COLLAPSE_MARGIN):
+        epochs = len(next(s for s in arm["seeds"]
+                          if s["seed"] == seed)["history"][key])
+        failed[seed] = {"epoch": epochs, "reason": (
+            f"collapsed: {key} {value:.1%} against the arm's median"
+            f" {median:.1%} (chance {chance:.1%})")}
+    for seed, entry in failed.items():
+      entry["replicate"] = replicate[seed]
     out[str(arm["name"])] = dict(sorted(failed.items()))
   return out
 
@@ -173,8 +240,14 @@ def summarize(results, include_failed=None):
   "reason"}}), ``include_failed`` and ``paired``: None for the first arm,
   otherwise {"metric", "seeds", "n", "unpaired_seeds", "excluded_seeds"
   (common seeds left out as failed in either arm), "differences" (per seed,
-  in ``seeds`` order), "mean", "half_width", "low", "high"} for arm − first
-  arm on common seeds (t interval None if n < 2).
+  in ``seeds`` order), "replicates", "replicate_means" (the mean difference
+  in each replicate), "estimator" ("seeds" or "replicates": what the
+  interval is over, see `_paired`), "mean", "half_width", "low", "high"}
+  for arm − first arm on common seeds (t interval None with fewer than two
+  values); ``verdict`` (`verdict`), ``num_replicates`` and ``replicates``:
+  per replicate {"replicate", "best_params", "best_value", "seeds",
+  "test_accuracy" (its mean over the replicate's kept seeds, or None),
+  "paired_mean" (its mean difference to the first arm, or None)}.
   """
   check(results)
   if include_failed is None:
@@ -205,4 +278,32 @@ def summarize(results, include_failed=None):
         "paired": None if i == 0 else _paired(
             arm, arms[0], set(skipped[name]) | set(skipped[reference])),
     })
+    row = rows[-1]
+    row["verdict"] = verdict(row["paired"])
+    row["replicates"] = _replicates(arm, row, skipped[name])
+    row["num_replicates"] = len(row["replicates"])
   return rows
+
+
+def _replicates(arm, row, skip):
+  """Per-replicate summaries of ``arm`` (see `summarize`)."""
+  replicate = replicate_of(arm)
+  listed = {r["replicate"]: r for r in arm.get("replicates", [])}
+  if not listed:  # Older results.json: the arm's best is replicate 0's.
+    listed = {0: {"best_params": arm.get("best_params") or {},
+                  "best_value": arm.get("best_value")}}
+  accuracy = finals(arm, PAIRED_METRIC, skip)
+  paired = row["paired"]
+  means = {} if paired is None else dict(zip(paired["replicates"],
+                                             paired["replicate_means"]))
+  out = []
+  for r in sorted(set(listed) | set(replicate.values())):
+    values = [v for seed, v in accuracy.items() if replicate[seed] == r]
+    out.append({
+        "replicate": r,
+        "best_params": dict(listed.get(r, {}).get("best_params") or {}),
+        "best_value": listed.get(r, {}).get("best_value"),
+        "seeds": sorted(seed for seed in replicate if replicate[seed] == r),
+        "test_accuracy": float(np.mean(values)) if values else None,
+        "paired_mean": means.get(r)})
+  return out

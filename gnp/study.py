@@ -16,13 +16,26 @@ The protocol every experiment of this field follows, as one command:
    seed + 1, + 2, ...), again vmapped; every arm sees the same seeds, so arms
    can be compared seed by seed.
 3. **Report.** ``results.json`` holds every trial and seed with its curves;
-   `gnp.report` turns it into ``table.md`` and ``curves.png``.
+   `gnp.report` turns it into ``table.md``, ``curves.png`` and
+   ``effects.png``.
 
-The Optuna study lives in ``DIR/study.db`` (SQLite; ``optuna-dashboard
-sqlite:///DIR/study.db`` opens it) and each arm's final runs in
-``DIR/final/<arm>.json``, so a study that is stopped at any moment resumes
+A single tuning draw can pick a lucky or unlucky setting, and an interval
+over seeds does not see that. ``tuning.replicates = R`` repeats steps 1–2
+R times, each replicate with its own sampler seed, tuning seed and
+retraining seeds (``gnp.study_config.final_seeds``), and, with
+``tuning.independent_data``, its own data draw; replicates are trained
+together. The report then gives each arm's difference to the first with an
+interval over the replicates, which covers both the tuning draw and the
+seeds (`gnp.results`), and says whether each arm is better, worse or not
+distinguishable.
+
+The Optuna studies live in ``DIR/study.db`` (SQLite; ``optuna-dashboard
+sqlite:///DIR/study.db`` opens it), one per arm (``<arm>#r<r>`` for
+replicate r > 0), and each arm's final runs in ``DIR/final/<arm>.json``
+(``<arm>#r<r>.json``), so a study that is stopped at any moment resumes
 where it stopped when the command is run again: finished trials are kept,
-trials that were running are re-proposed with the same values.
+trials that were running are re-proposed with the same values, and more
+replicates can be added to a finished study.
 
 What a study is (its keys, arms and validation) lives in `gnp.study_config`.
 
@@ -65,33 +78,40 @@ from gnp.study_config import arm
 from gnp.study_config import arm_config
 from gnp.study_config import default_study
 from gnp.study_config import distribution
+from gnp.study_config import final_seeds
 from gnp.study_config import load_config
 from gnp.study_config import smoke
+from gnp.study_config import tuning_seed
 from gnp.study_config import validate
 from gnp.writers import write_atomically
 
 # --- Training runs ---------------------------------------------------------
 
 
-def _train(study, configs, dataset, run_dirs, populations) -> list[dict]:
-  """Histories of ``configs``: vmapped per structure, or one at a time.
+def _train(study, configs, datasets, run_dirs, populations) -> list[dict]:
+  """Histories of ``configs`` (``datasets[i]`` is config i's data): vmapped
+  per structure, or one at a time.
 
   ``populations`` caches the compiled `population.Population` by structure,
-  so that an arm's batches of trials compile once.
+  so that an arm's batches of trials compile once; structures this call
+  does not train are dropped (each holds its compiled programs).
   """
   if not study.vectorize:
     return [_train_one(config, directory, dataset)
-            for config, directory in zip(configs, run_dirs)]
+            for config, directory, dataset in zip(configs, run_dirs,
+                                                   datasets)]
   groups = collections.defaultdict(list)
   for i, config in enumerate(configs):
     key = json.dumps(population.structure(config), sort_keys=True,
                      default=str)
     groups[key].append(i)
+  for key in set(populations) - set(groups):
+    del populations[key]
   histories = [None] * len(configs)
   for key, members in groups.items():
     if key not in populations:
-      populations.clear()  # Keep one: each holds its compiled programs.
-      populations[key] = population.Population(configs[members[0]], dataset)
+      populations[key] = population.Population(configs[members[0]],
+                                               datasets[members[0]])
     results, _ = populations[key].train(
         [configs[i] for i in members])
     for i, history in zip(members, results):
@@ -132,18 +152,27 @@ def _train_one(config, workdir: str, dataset) -> dict:
 # --- The study -------------------------------------------------------------
 
 
-def _optuna_study(study, spec, storage, finished: int) -> optuna.Study:
-  # Seeded by (study seed, arm, trials so far): an uninterrupted study is
-  # reproducible, a resumed one does not redraw its first random trials, and
-  # arms do not share their random draws.
+def replicate_name(spec, replicate: int) -> str:
+  """The Optuna study (in study.db) of ``spec``'s tuning in ``replicate``:
+  the arm's name for replicate 0, as in an unreplicated study."""
+  return spec.name if replicate == 0 else f"{spec.name}#r{replicate}"
+
+
+def _optuna_study(study, spec, storage, finished: int,
+                  replicate: int) -> optuna.Study:
+  # Seeded by (study seed, arm, trials so far[, replicate]): an
+  # uninterrupted study is reproducible, a resumed one does not redraw its
+  # first random trials, and neither arms nor replicates share their random
+  # draws. Replicate 0 is seeded as an unreplicated study.
   arm_index = [a.name for a in study.arms].index(spec.name)
-  seed = np.random.SeedSequence([study.seed, arm_index, finished])
+  entropy = [study.seed, arm_index, finished] + [replicate] * (replicate > 0)
+  seed = np.random.SeedSequence(entropy)
   sampler = optuna.samplers.TPESampler(
       seed=int(seed.generate_state(1)[0]),
       n_startup_trials=study.tuning.startup_trials)
-  return optuna.create_study(study_name=spec.name, storage=storage,
-                             direction=study.direction, sampler=sampler,
-                             load_if_exists=True)
+  return optuna.create_study(study_name=replicate_name(spec, replicate),
+                             storage=storage, direction=study.direction,
+                             sampler=sampler, load_if_exists=True)
 
 
 def _finished(trials) -> list:
@@ -153,33 +182,57 @@ def _finished(trials) -> list:
               and t.user_attrs.get("diverged"))]
 
 
-def tune(study, spec, workdir: str, dataset, populations) -> optuna.Study:
-  """Runs the arm's remaining trials; returns its Optuna study."""
+def _run_dir(workdir, spec, replicate, name):
+  parts = [workdir, "runs", spec.name] + [f"r{replicate}"] * (replicate > 0)
+  return os.path.join(*parts, name)
+
+
+def tune(study, spec, workdir: str, dataset_of,
+         populations) -> list[optuna.Study]:
+  """Runs the arm's remaining trials in every replicate; returns their
+  Optuna studies, by replicate.
+
+  Each round asks every unfinished replicate for up to
+  ``tuning.trials_at_once`` trials and trains them all as one population
+  (per data, with ``tuning.independent_data``); ``dataset_of(replicate)``
+  gives a replicate's data.
+  """
   storage = f"sqlite:///{os.path.join(workdir, 'study.db')}"
-  probe = optuna.create_study(study_name=spec.name, storage=storage,
-                              direction=study.direction, load_if_exists=True)
-  for t in probe.trials:  # Interrupted mid-batch: propose them again.
-    if t.state == optuna.trial.TrialState.RUNNING:
-      probe.tell(t.number, state=optuna.trial.TrialState.FAIL)
-      probe.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+  replicates = range(study.tuning.replicates)
+  probes = []
+  for r in replicates:
+    probe = optuna.create_study(study_name=replicate_name(spec, r),
+                                storage=storage, direction=study.direction,
+                                load_if_exists=True)
+    for t in probe.trials:  # Interrupted mid-batch: propose them again.
+      if t.state == optuna.trial.TrialState.RUNNING:
+        probe.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        probe.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+    probes.append(probe)
   distributions = {k: distribution(spec.name, k, v)
                    for k, v in config_lib.flatten(spec.search).items()}
   while True:
-    done = len(_finished(probe.trials))
-    remaining = study.tuning.num_trials - done
-    if remaining <= 0:
-      return probe
-    optuna_study = _optuna_study(study, spec, storage, done)
-    trials = [optuna_study.ask(distributions)
-              for _ in range(min(remaining, study.tuning.trials_at_once))]
-    configs = [arm_config(study, spec, t.params, seed=study.seed,
-                          num_epochs=study.tuning.num_epochs) for t in trials]
-    run_dirs = [os.path.join(workdir, "runs", spec.name, f"trial_{t.number}")
-                for t in trials]
+    asked = []  # (replicate, its Optuna study, trial)
+    for r in replicates:
+      done = len(_finished(probes[r].trials))
+      remaining = study.tuning.num_trials - done
+      if remaining <= 0:
+        continue
+      probes[r] = _optuna_study(study, spec, storage, done, r)
+      asked += [(r, probes[r], probes[r].ask(distributions))
+                for _ in range(min(remaining, study.tuning.trials_at_once))]
+    if not asked:
+      return probes
+    configs = [arm_config(study, spec, t.params, seed=tuning_seed(study, r),
+                          num_epochs=study.tuning.num_epochs, replicate=r)
+               for r, _, t in asked]
+    run_dirs = [_run_dir(workdir, spec, r, f"trial_{t.number}")
+                for r, _, t in asked]
     started = time.perf_counter()
-    histories = _train(study, configs, dataset, run_dirs, populations)
-    seconds = (time.perf_counter() - started) / len(trials)
-    for t, history in zip(trials, histories):
+    histories = _train(study, configs, [dataset_of(r) for r, _, _ in asked],
+                       run_dirs, populations)
+    seconds = (time.perf_counter() - started) / len(asked)
+    for (_, optuna_study, t), history in zip(asked, histories):
       diverged = history.pop("diverged", None)
       history.pop("diverged_epoch", None)
       t.set_user_attr("history", history)
@@ -190,11 +243,12 @@ def tune(study, spec, workdir: str, dataset, populations) -> optuna.Study:
       else:
         t.set_user_attr("diverged", diverged or "non-finite objective")
         optuna_study.tell(t, state=optuna.trial.TrialState.FAIL)
-    probe = optuna_study
-    best = _best(probe)
-    logging.info("%s: %d/%d trials, best %s = %s", spec.name,
-                 len(_finished(probe.trials)), study.tuning.num_trials,
-                 study.objective, best and f"{best.value:.4f} {best.params}")
+    for r in sorted({r for r, _, _ in asked}):
+      best = _best(probes[r])
+      logging.info("%s: %d/%d trials, best %s = %s",
+                   replicate_name(spec, r), len(_finished(probes[r].trials)),
+                   study.tuning.num_trials, study.objective,
+                   best and f"{best.value:.4f} {best.params}")
 
 
 def _best(optuna_study):
@@ -203,30 +257,49 @@ def _best(optuna_study):
   return optuna_study.best_trial if complete else None
 
 
-def retrain(study, spec, best_params: dict, workdir: str, dataset,
-            populations) -> dict:
-  """The arm's final runs over seeds, cached in ``final/<arm>.json``."""
-  path = os.path.join(workdir, "final", f"{spec.name}.json")
-  seeds = [study.seed + i for i in range(1, study.final.num_seeds + 1)]
-  if os.path.exists(path):
-    with open(path) as f:
-      cached = json.load(f)
-    if (cached["params"] == best_params
-        and [s["seed"] for s in cached["seeds"]] == seeds
-        and len(cached["seeds"][0]["history"]["epoch"])
-        == study.final.num_epochs):
-      return cached
-  configs = [arm_config(study, spec, best_params, seed=s,
-                        num_epochs=study.final.num_epochs) for s in seeds]
-  run_dirs = [os.path.join(workdir, "runs", spec.name, f"seed_{s}")
-              for s in seeds]
+def retrain(study, spec, best_params: list[dict], workdir: str, dataset_of,
+            populations) -> list[dict]:
+  """The arm's final runs over seeds, one result per replicate
+  (``best_params[r]`` is replicate r's setting), each cached in
+  ``final/<arm>.json`` (replicate 0) or ``final/<arm>#r<r>.json``.
+
+  The replicates that are not cached train together, as one population.
+  """
+  results, todo = [], []
+  for r, params in enumerate(best_params):
+    path = os.path.join(workdir, "final",
+                        f"{replicate_name(spec, r)}.json")
+    seeds = final_seeds(study, r)
+    cached = None
+    if os.path.exists(path):
+      with open(path) as f:
+        cached = json.load(f)
+      if not (cached["params"] == params
+              and [s["seed"] for s in cached["seeds"]] == seeds
+              and len(cached["seeds"][0]["history"]["epoch"])
+              == study.final.num_epochs):
+        cached = None
+    results.append(cached)
+    if cached is None:
+      todo += [(r, path, s) for s in seeds]
+  if not todo:
+    return results
+  configs = [arm_config(study, spec, best_params[r], seed=s, replicate=r,
+                        num_epochs=study.final.num_epochs)
+             for r, _, s in todo]
+  run_dirs = [_run_dir(workdir, spec, r, f"seed_{s}") for r, _, s in todo]
   started = time.perf_counter()
-  histories = _train(study, configs, dataset, run_dirs, populations)
-  result = {"params": best_params,
-            "seeds": [_seed_entry(s, h) for s, h in zip(seeds, histories)],
-            "train_time_s": time.perf_counter() - started}
-  _write_json(path, result)
-  return result
+  histories = _train(study, configs, [dataset_of(r) for r, _, _ in todo],
+                     run_dirs, populations)
+  seconds = (time.perf_counter() - started) / len(todo)
+  for r in sorted({r for r, _, _ in todo}):
+    mine = [(path, s, h) for (rr, path, s), h in zip(todo, histories)
+            if rr == r]
+    results[r] = {"params": best_params[r],
+                  "seeds": [_seed_entry(s, h) for _, s, h in mine],
+                  "train_time_s": seconds * len(mine)}
+    _write_json(mine[0][0], results[r])
+  return results
 
 
 def _seed_entry(seed: int, history: dict) -> dict:
@@ -242,9 +315,10 @@ def _seed_entry(seed: int, history: dict) -> dict:
 
 
 # Keys a study may change when it resumes from its workdir: how many trials
-# and how they are batched, the final runs (recomputed when they change) and
+# and replicates and how they are batched, the final runs (recomputed when they change) and
 # how runs are executed. Anything else would mix trials of two studies.
 RESUMABLE_KEYS = ("tuning.num_trials", "tuning.trials_at_once",
+                  "tuning.replicates",
                   "final.num_seeds", "final.num_epochs", "vectorize",
                   "include_failed")
 
@@ -284,8 +358,9 @@ def _run_locked(study: ml_collections.ConfigDict, workdir: str) -> dict:
   """`run` once the workdir is this study's."""
   datasets = {}
 
-  def dataset_of(spec):
-    config = arm_config(study, spec, seed=study.seed, num_epochs=1)
+  def dataset_of(spec, replicate):
+    config = arm_config(study, spec, seed=study.seed, num_epochs=1,
+                        replicate=replicate)
     key = json.dumps(config.dataset.to_dict(), sort_keys=True)
     if key not in datasets:
       datasets[key] = data_lib.load(config.dataset,
@@ -297,34 +372,50 @@ def _run_locked(study: ml_collections.ConfigDict, workdir: str) -> dict:
   started = time.perf_counter()
   populations = {}
   arms = []
+  replicates = range(study.tuning.replicates)
   for spec in study.arms:
-    entry = {"name": spec.name, "description": spec.description,
-             "best_params": {}, "best_value": None, "trials": []}
+    data = lambda r, spec=spec: dataset_of(spec, r)
+    best = [({}, None)] * len(replicates)
+    trials = []
     tuning_time = 0.0
-    dataset = dataset_of(spec)
     if spec.search:
-      optuna_study = tune(study, spec, workdir, dataset, populations)
-      best = _best(optuna_study)
-      if best is None:
-        raise UserError(f"arm {spec.name!r}: every tuning trial diverged.")
-      entry["best_params"], entry["best_value"] = best.params, best.value
-      for t in _finished(optuna_study.trials):
-        entry["trials"].append({
-            "number": t.number, "params": t.params, "value": t.value,
-            "state": t.state.name, "history": t.user_attrs["history"]})
-        tuning_time += t.user_attrs["train_time_s"]
-    final = retrain(study, spec, entry["best_params"], workdir, dataset,
-                    populations)
-    entry["seeds"] = final["seeds"]
-    entry["wall_time_s"] = {"tuning": tuning_time,
-                            "final": final["train_time_s"]}
+      for r, optuna_study in enumerate(
+          tune(study, spec, workdir, data, populations)):
+        trial = _best(optuna_study)
+        if trial is None:
+          raise UserError(f"arm {replicate_name(spec, r)!r}: every tuning"
+                          " trial diverged.")
+        best[r] = (trial.params, trial.value)
+        for t in _finished(optuna_study.trials):
+          trials.append({
+              "number": t.number, "replicate": r, "params": t.params,
+              "value": t.value, "state": t.state.name,
+              "history": t.user_attrs["history"]})
+          tuning_time += t.user_attrs["train_time_s"]
+    finals = retrain(study, spec, [params for params, _ in best], workdir,
+                     data, populations)
+    entry = {
+        "name": spec.name, "description": spec.description,
+        # Replicate 0's, as an unreplicated study reports them.
+        "best_params": best[0][0], "best_value": best[0][1],
+        "trials": trials,
+        "seeds": [{**seed, "replicate": r}
+                  for r, final in enumerate(finals) for seed in final["seeds"]],
+        "replicates": [{"replicate": r, "best_params": params,
+                        "best_value": value,
+                        "seeds": [s["seed"] for s in finals[r]["seeds"]]}
+                       for r, (params, value) in enumerate(best)],
+        "wall_time_s": {"tuning": tuning_time,
+                        "final": sum(f["train_time_s"] for f in finals)},
+    }
     arms.append(entry)
   results = {
       "study": study.name,
       "objective": {"metric": study.objective, "direction": study.direction},
       # Chance accuracy, for the report's rule of a collapsed run.
-      "num_classes": int(dataset.num_classes),
+      "num_classes": int(dataset_of(study.arms[0], 0).num_classes),
       "include_failed": bool(study.include_failed),
+      "replicates": study.tuning.replicates,
       "arms": arms,
       "wall_time_s": {
           "tuning": sum(a["wall_time_s"]["tuning"] for a in arms),

@@ -75,6 +75,14 @@ def default_study() -> ml_collections.ConfigDict:
   c.tuning.num_epochs = 30  # Each trial's training length.
   c.tuning.trials_at_once = 5  # Asked together, trained as one population.
   c.tuning.startup_trials = 10  # Random trials before TPE takes over.
+  # Independent repeats of the whole tune -> retrain pipeline: replicate r
+  # has its own sampler seed, tuning seed (seed + 1000 r) and retraining
+  # seeds (seed + 1000 r + 1, ...), so the table's interval covers the
+  # tuning draw as well as the seeds. Replicate 0 is the unreplicated study.
+  c.tuning.replicates = 1
+  # True: replicate r also draws its own data (dataset.seed + 1000 r: the
+  # label-noise draw and the validation split); False: one dataset for all.
+  c.tuning.independent_data = False
   c.final = ml_collections.ConfigDict()
   c.final.num_seeds = 5  # Retrained seeds per arm: seed + 1, + 2, ...
   c.final.num_epochs = 30  # Each retrained seed's training length.
@@ -106,16 +114,36 @@ def apply_variant(study: ml_collections.ConfigDict,
   return study
 
 
+# Replicate r's seeds start at seed + SEED_STRIDE * r: its tuning runs use
+# that seed and its retrained runs the next final.num_seeds, so replicates
+# never share a seed while replicate 0 keeps the unreplicated study's.
+SEED_STRIDE = 1000
+
+
+def tuning_seed(study: ml_collections.ConfigDict, replicate: int = 0) -> int:
+  """The training seed of replicate ``replicate``'s tuning trials."""
+  return study.seed + SEED_STRIDE * replicate
+
+
+def final_seeds(study: ml_collections.ConfigDict,
+                replicate: int = 0) -> list[int]:
+  """The seeds replicate ``replicate`` retrains every arm with."""
+  first = tuning_seed(study, replicate)
+  return [first + i for i in range(1, study.final.num_seeds + 1)]
+
+
 def arm_config(study: ml_collections.ConfigDict, spec,
-               params: dict | None = None, *, seed: int,
-               num_epochs: int) -> ml_collections.ConfigDict:
-  """The training config of one run of arm ``spec``."""
+               params: dict | None = None, *, seed: int, num_epochs: int,
+               replicate: int = 0) -> ml_collections.ConfigDict:
+  """The training config of one run of arm ``spec`` in ``replicate``."""
   config = ml_collections.ConfigDict(study.train.to_dict())
   config.update_from_flattened_dict(config_lib.flatten(spec.overrides))
   config.update_from_flattened_dict(dict(params or {}))
   config.seed = seed
   if config.dataset.seed is None:
     config.dataset.seed = study.seed  # One dataset for every trial and seed.
+  if study.tuning.independent_data:
+    config.dataset.seed += SEED_STRIDE * replicate
   config.num_epochs = num_epochs
   config.num_steps = None
   config.eval_every_epochs = 1
@@ -145,12 +173,26 @@ def validate(study: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f"objective {study.objective!r} is not one of {', '.join(recorded)}"
         f"{reason}.")
-  for name in ("num_trials", "num_epochs", "trials_at_once"):
-    if not isinstance(study.tuning[name], int) or study.tuning[name] < 1:
+  for name in ("num_trials", "num_epochs", "trials_at_once", "replicates"):
+    if (not isinstance(study.tuning[name], int)
+        or isinstance(study.tuning[name], bool) or study.tuning[name] < 1):
       raise ConfigError(f"tuning.{name} must be a positive integer.")
+  if not isinstance(study.tuning.independent_data, bool):
+    raise ConfigError("tuning.independent_data must be True or False.")
   for name in ("num_seeds", "num_epochs"):
     if not isinstance(study.final[name], int) or study.final[name] < 1:
       raise ConfigError(f"final.{name} must be a positive integer.")
+  if study.tuning.replicates > 1 and study.final.num_seeds >= SEED_STRIDE:
+    raise ConfigError(
+        f"final.num_seeds must be below {SEED_STRIDE} with replicates: each"
+        f" replicate's seeds start {SEED_STRIDE} after the last's.")
+  if not isinstance(study.seed, int) or isinstance(study.seed, bool):
+    raise ConfigError(f"seed must be an integer, got {study.seed!r}.")
+  last = final_seeds(study, study.tuning.replicates - 1)[-1]
+  if study.seed < 0 or last >= 2**32:
+    raise ConfigError(
+        f"seed must be in [0, 2**32) for every run; the last replicate's"
+        f" last seed would be {last}.")
   for spec in study.arms:
     search = config_lib.flatten(spec.search)
     for key in (*config_lib.flatten(spec.overrides), *search):

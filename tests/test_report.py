@@ -133,11 +133,13 @@ def test_table_shows_the_numbers_as_specified():
       assert cells[column] == (f"{values.mean():.{digits}f} ±"
                                f" {values.std(ddof=1):.{digits}f}")
   assert _row(text, "baseline")[6:] == ["3", "0", "lr 1.2e-03, wd 3.0e-04",
-                                        "reference"]
+                                        "reference", "—"]
   _, mean, low, high = _paired_reference("gnvr")
+  assert low > 0  # So the verdict is "better".
   assert _row(text, "gnvr")[6:] == [
       "3", "0", "lr 3.0e-03, λ 1.0e-02",
-      f"{mean * 100:+.2f} [{low * 100:+.2f}, {high * 100:+.2f}] (n=3)"]
+      f"{mean * 100:+.2f} [{low * 100:+.2f}, {high * 100:+.2f}] (n=3)",
+      "better"]
   assert _row(text, "l2")[6:9] == ["2 (lacks seed 2)", "0", "—"]
   assert "(n=2)" in _row(text, "l2")[9]
   assert ("Objective: validation/accuracy (maximize). Trials completed/failed:"
@@ -442,7 +444,8 @@ def test_a_non_finite_final_metric_is_a_failed_run():
   results = _results_with_failures()
   results["arms"][0]["seeds"][1]["history"]["test/loss"][-1] = None
   failed = report.failures(results)["baseline"]
-  assert failed == {1: {"epoch": 4, "reason": "non-finite final test/loss"}}
+  assert failed == {1: {"epoch": 4, "reason": "non-finite final test/loss",
+                        "replicate": 0}}
 
 
 def test_report_cli_include_failed(tmp_path):
@@ -497,3 +500,96 @@ def test_effects_are_the_paired_differences_by_seed(make, kept):
     np.testing.assert_allclose(bar.get_xdata(), [effect["low"],
                                                  effect["high"]])
     np.testing.assert_allclose(mean.get_xdata(), [effect["mean"]])
+
+
+def _replicated_results():
+  """Three arms × 3 replicates × 3 seeds; gnvr's seed 2003 collapses."""
+  rng = np.random.default_rng(0)
+  centre = {"baseline": 0.60, "gnvr": 0.63, "ngs": 0.55}
+  arms = []
+  for name, centre_accuracy in centre.items():
+    seeds, replicates = [], []
+    for r in range(3):
+      shift = rng.normal(0, 0.01)  # This replicate's tuning draw.
+      lr = float(10 ** rng.uniform(-3, -2))
+      replicates.append({"replicate": r, "best_value": 0.6 + 0.01 * r,
+                         "best_params": {"optimizer.learning_rate": lr},
+                         "seeds": [1000 * r + i for i in (1, 2, 3)]})
+      for i in (1, 2, 3):
+        accuracy = centre_accuracy + shift + rng.normal(0, 0.005)
+        if name == "gnvr" and (r, i) == (2, 3):
+          accuracy = 0.1
+        history = {"epoch": [1, 2]}
+        for key in report.METRICS:
+          final = accuracy if "accuracy" in key else 1 - accuracy
+          history[key] = [final - 0.01, final]
+        seeds.append({"seed": 1000 * r + i, "replicate": r,
+                      "history": history})
+    arms.append({"name": name, "seeds": seeds, "replicates": replicates,
+                 "best_params": replicates[0]["best_params"],
+                 "best_value": replicates[0]["best_value"]})
+  return {"study": "replicated", "num_classes": 10, "replicates": 3,
+          "arms": arms}
+
+
+def test_replicated_cells_recomputed_from_results_json():
+  results = json.loads(json.dumps(_replicated_results()))  # As read back.
+  text = report.table(results)
+  last = {arm["name"]: {s["seed"]: s["history"]["test/accuracy"][-1]
+                        for s in arm["seeds"]} for arm in results["arms"]}
+  failed = {("gnvr", 2003)}
+  expected_verdicts = {"gnvr": "better", "ngs": "worse"}
+  for name in ("gnvr", "ngs"):
+    cells = _row(text, name)
+    kept = [s for s in sorted(last[name]) if (name, s) not in failed]
+    values = np.array([last[name][s] for s in kept]) * 100
+    assert cells[1] == f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+    means = [np.mean([last[name][s] - last["baseline"][s]
+                      for s in kept if s // 1000 == r]) for r in range(3)]
+    ci = stats.ttest_1samp(means, 0.0).confidence_interval(0.95)
+    assert cells[9] == (f"{np.mean(means) * 100:+.2f} [{ci.low * 100:+.2f},"
+                        f" {ci.high * 100:+.2f}] (R=3, n={len(kept)})")
+    assert cells[10] == expected_verdicts[name]
+    rates = [r["best_params"]["optimizer.learning_rate"]
+             for r in next(a for a in results["arms"]
+                           if a["name"] == name)["replicates"]]
+    assert cells[8] == (f"lr {min(rates):.1e}–{max(rates):.1e}"
+                        " (3 replicates)")
+    for r, mean in enumerate(means):
+      value = 0.6 + 0.01 * r
+      assert f"- {name}, replicate {r}: lr {rates[r]:.1e} ({value:.4f}); " in (
+          text)
+      assert f", Δ {mean * 100:+.2f} pp" in text
+  assert _row(text, "ngs")[6:8] == ["9", "0"]
+  assert _row(text, "gnvr")[6:8] == ["9", "1"]
+  # Collapsed against its own replicate's median, and listed with it.
+  assert "- gnvr, replicate 2, seed 2003, epoch 2: collapsed" in text
+  assert "interval over those replicate means" in text
+
+
+def test_the_collapse_rule_is_per_replicate():
+  # Replicate 1's setting is worse throughout; against the pooled median
+  # its seeds would look collapsed, against their own they do not.
+  results = {"num_classes": 10, "arms": [{"name": "a", "seeds": [
+      {"seed": 1000 * r + i, "replicate": r,
+       "history": {"validation/accuracy": [a]}}
+      for r, accuracies in enumerate([[0.8, 0.81, 0.79], [0.3, 0.31, 0.29]])
+      for i, a in enumerate(accuracies, 1)]}]}
+  assert report.failures(results)["a"] == {}
+  results["arms"][0]["seeds"][4]["history"]["validation/accuracy"] = [0.1]
+  assert list(report.failures(results)["a"]) == [1002]
+
+
+def test_effects_with_replicates_are_the_replicate_means():
+  results = _replicated_results()
+  rows = {row["name"]: row for row in report.summarize(results)}
+  effects = {e["name"]: e for e in figures.effects(results)}
+  for name in ("gnvr", "ngs"):
+    assert effects[name]["estimator"] == "replicates"
+    np.testing.assert_allclose(
+        effects[name]["replicate_means"],
+        100 * np.array(rows[name]["paired"]["replicate_means"]), rtol=1e-12)
+    np.testing.assert_allclose(effects[name]["mean"],
+                               np.mean(effects[name]["replicate_means"]),
+                               rtol=1e-12)
+  figures.effects_figure(results)  # Draws.

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -105,7 +106,64 @@ def test_a_finished_study_is_not_retrained(finished, monkeypatch):
   assert again["arms"] == results["arms"]
 
 
+def test_replicates_extend_a_finished_study(finished, tmp_path, monkeypatch):
+  workdir, results = finished
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  trained = []
+  train = study.population.Population.train
+
+  def recording(self, configs, **kwargs):
+    trained.extend(c.seed for c in configs)
+    return train(self, configs, **kwargs)
+
+  monkeypatch.setattr(study.population.Population, "train", recording)
+  replicated = study.run(tiny_study(**{"tuning.replicates": 2}), copy)
+  # Replicate 0 is the finished study, kept; only replicate 1 trained: its
+  # tuning runs with seed 1000 and its final runs with fresh seeds.
+  assert sorted(set(trained)) == [1000, 1001, 1002]
+  for before, after in zip(results["arms"], replicated["arms"]):
+    assert [t for t in after["trials"] if t["replicate"] == 0] == (
+        before["trials"])
+    assert [s for s in after["seeds"] if s["replicate"] == 0] == (
+        before["seeds"])
+    ones = [t for t in after["trials"] if t["replicate"] == 1]
+    assert len(ones) == 2
+    # Its own sampler draw, not replicate 0's again.
+    assert [t["params"] for t in ones] != [t["params"]
+                                           for t in before["trials"]]
+    assert [r["seeds"] for r in after["replicates"]] == [[1, 2], [1001, 1002]]
+    best = max(ones, key=lambda t: t["value"])
+    assert after["replicates"][1]["best_params"] == best["params"]
+    assert after["best_params"] == before["best_params"]
+  # The interval is over the replicates' paired means, recomputed here.
+  last = {arm["name"]: {s["seed"]: s["history"]["test/accuracy"][-1]
+                        for s in arm["seeds"]} for arm in replicated["arms"]}
+  means = [np.mean([last["sam"][s] - last["plain"][s] for s in seeds])
+           for seeds in ([1, 2], [1001, 1002])]
+  ci = stats.ttest_1samp(means, 0.0).confidence_interval(0.95)
+  table = open(os.path.join(copy, "table.md")).read()
+  cell = (f"{np.mean(means) * 100:+.2f} [{ci.low * 100:+.2f},"
+          f" {ci.high * 100:+.2f}] (R=2, n=4)")
+  assert cell in _row(table, "sam"), (cell, _row(table, "sam"))
+  assert "- sam, replicate 1: lr " in table
+
+
+def test_independent_data_draws_per_replicate():
+  config = tiny_study(**{"tuning.independent_data": True, "seed": 7})
+  seeds = [study.arm_config(config, config.arms[0], seed=0, num_epochs=1,
+                            replicate=r).dataset.seed for r in range(3)]
+  assert seeds == [7, 1007, 2007]
+  shared = tiny_study(**{"seed": 7})
+  assert {study.arm_config(shared, shared.arms[0], seed=0, num_epochs=1,
+                           replicate=r).dataset.seed for r in range(3)} == {7}
+  assert study.final_seeds(config, 2) == [2008, 2009]
+
+
 @pytest.mark.parametrize("overrides,message", [
+    ({"tuning.replicates": 0}, "tuning.replicates"),
+    ({"tuning.replicates": 2, "final.num_seeds": 1000}, "below 1000"),
+    ({"tuning.replicates": 2**23, "final.num_seeds": 1}, "2\\*\\*32"),
     ({"objective": "test/accuracy"}, "never reads the test set"),
     # Passed before, then every trial read NaN and "every trial diverged".
     ({"objective": "validation/cross_entropy"}, "does not record"),
