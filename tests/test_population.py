@@ -90,3 +90,182 @@ def test_structure_ignores_seed_and_hyperparameters():
   a = _member(0, **{"optimizer.learning_rate": 1e-3})
   b = _member(5, **{"optimizer.learning_rate": 0.3})
   assert population.structure(a) == population.structure(b)
+
+
+# --- Stopping members early ------------------------------------------------
+# One population of five members over four epochs, trained once straight
+# and once with members stopped: the stopped run must be the straight run,
+# cut short for the stopped members.
+
+_LEARNING_RATES = (1e-3, 2e-3, 3e-3, 1e-3, 5e-4)
+# Epoch -> members stopped after it: the stack shrinks to four rows, keeps
+# them for three survivors (member 1's row trains on, unread), then two.
+_STOPS = {1: [4], 2: [1], 3: [2]}
+_EPOCHS = 4
+
+
+def _five(learning_rates=_LEARNING_RATES):
+  return [_member(seed, num_epochs=_EPOCHS, **{"optimizer.learning_rate": lr})
+          for seed, lr in enumerate(learning_rates)]
+
+
+def _host(states):
+  """Stacked states as numpy, the keys as their data."""
+  return jax.device_get(states.replace(rng=jax.random.key_data(states.rng)))
+
+
+def _row(states, i):
+  return jax.tree.map(lambda x: x[i], states)
+
+
+def _assert_trees_close(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5,
+                                                       atol=1e-7), a, b)
+
+
+def _assert_histories_close(history, reference, epochs):
+  """``history`` holds ``reference``'s first ``epochs`` epochs."""
+  assert history["epoch"] == reference["epoch"][:epochs]
+  for key, values in reference.items():
+    if isinstance(values, list):
+      np.testing.assert_allclose(history[key], values[:epochs], rtol=1e-5,
+                                 atol=1e-7, err_msg=key)
+
+
+def _train_recording(pop, configs, on_epoch=None):
+  """`Population.train`, with each epoch's stack size and resulting states."""
+  epochs = []  # (rows in the stack, host states after the epoch)
+  run_epoch = pop._run_epoch  # pylint: disable=protected-access
+
+  def recording(states, train_data, indices):
+    rows = states.step.shape[0]
+    states, metrics = run_epoch(states, train_data, indices)
+    epochs.append((rows, _host(states)))
+    return states, metrics
+
+  pop._run_epoch = recording  # pylint: disable=protected-access
+  try:
+    histories, states = pop.train(configs, on_epoch=on_epoch)
+  finally:
+    pop._run_epoch = run_epoch  # pylint: disable=protected-access
+  return histories, states, epochs
+
+
+def _stopping(plan, calls=None):
+  """An on_epoch that stops ``plan[epoch]``, noting each call in ``calls``."""
+  def on_epoch(epoch, histories):
+    if calls is not None:
+      calls.append((epoch, [len(h["epoch"]) for h in histories]))
+    return plan.get(epoch)
+  return on_epoch
+
+
+@pytest.fixture(scope="module")
+def pop():
+  return population.Population(_five()[0])
+
+
+@pytest.fixture(scope="module")
+def straight(pop):
+  return _train_recording(pop, _five())
+
+
+@pytest.fixture(scope="module")
+def stopped(pop):
+  calls = []
+  return (*_train_recording(pop, _five(), _stopping(_STOPS, calls)), calls)
+
+
+def test_survivors_train_as_if_no_member_stopped(straight, stopped):
+  reference, reference_states, _ = straight
+  histories, states, _, _ = stopped
+  for m in (0, 3):
+    assert "stopped_epoch" not in histories[m]
+    _assert_histories_close(histories[m], reference[m], _EPOCHS)
+    _assert_trees_close(_row(_host(states), m),
+                        _row(_host(reference_states), m))
+
+
+def test_stopped_members_keep_their_history_and_state(straight, stopped):
+  reference, _, reference_epochs = straight
+  histories, states, _, _ = stopped
+  assert states.step.shape[0] == 5  # Every member, in the configs' order.
+  for epoch, members in _STOPS.items():
+    for m in members:
+      assert histories[m]["stopped_epoch"] == epoch
+      _assert_histories_close(histories[m], reference[m], epoch)
+      _assert_trees_close(_row(_host(states), m),
+                          _row(reference_epochs[epoch - 1][1], m))
+  per_epoch = int(states.step[0]) // _EPOCHS
+  np.testing.assert_array_equal(states.step, np.multiply(per_epoch,
+                                                         [4, 2, 3, 4, 1]))
+
+
+def test_a_shrunk_population_steps_only_its_survivors(stopped):
+  _, _, epochs, _ = stopped
+  # Shrinking to three survivors would recompile for a size no other
+  # shrink of five needs: they stay in four rows (`_stack_size`).
+  assert [rows for rows, _ in epochs] == [5, 4, 4, 2]
+
+
+def test_on_epoch_sees_every_members_history(stopped):
+  *_, calls = stopped
+  assert calls == [(1, [1, 1, 1, 1, 1]), (2, [2, 2, 2, 2, 1]),
+                   (3, [3, 2, 3, 3, 1]), (4, [4, 2, 3, 4, 1])]
+
+
+def test_training_ends_once_every_member_stopped(pop):
+  calls = []
+  histories, states, epochs = _train_recording(
+      pop, _five(), _stopping({1: [2], 2: [4, 0, 1, 3]}, calls))
+  assert [epoch for epoch, _ in calls] == [1, 2]
+  assert [rows for rows, _ in epochs] == [5, 4]
+  assert [h["stopped_epoch"] for h in histories] == [2, 2, 1, 2, 2]
+  assert [len(h["epoch"]) for h in histories] == [2, 2, 1, 2, 2]
+  assert states.step.shape[0] == 5
+
+
+@pytest.mark.parametrize("survivors,size,rows", [
+    (17, 20, 20), (16, 20, 16), (9, 20, 16), (5, 16, 8), (3, 5, 4),
+    (2, 4, 2), (1, 8, 1), (3, 4, 4)])
+def test_the_stack_shrinks_through_powers_of_two(survivors, size, rows):
+  stack_size = population._stack_size  # pylint: disable=protected-access
+  assert stack_size(survivors, size) == rows
+
+
+def test_divergence_is_reported_for_stopped_members_and_survivors(pop):
+  # 1e8 diverges in the first epoch, 300 in a later one.
+  configs = _five((1e-3, 1e8, 300.0, 300.0, 1e8))
+  reference, reference_states = pop.train(configs)
+  assert [h.get("diverged_epoch") for h in reference] == [None, 1, 2, 2, 1]
+  # Member 1 stops after it diverged, member 3 before it would have; in the
+  # four rows left (0, 2, 4 and a spare) member 4 stays diverged and member
+  # 2 diverges.
+  histories, states, epochs = _train_recording(pop, configs,
+                                               _stopping({1: [3, 1]}))
+  assert [rows for rows, _ in epochs] == [5, 4, 4, 4]
+  for m in (1, 2, 4):
+    assert histories[m]["diverged"] == reference[m]["diverged"]
+    assert histories[m]["diverged_epoch"] == reference[m]["diverged_epoch"]
+  for m in (0, 3):
+    assert "diverged" not in histories[m]
+    assert "diverged_epoch" not in histories[m]
+  np.testing.assert_array_equal(
+      states.nonfinite_step,
+      np.where([False, True, True, False, True],
+               reference_states.nonfinite_step, -1))
+  _assert_histories_close(histories[0], reference[0], _EPOCHS)
+
+
+@pytest.mark.parametrize("plan,message", [
+    ({1: [5]}, "member 5, out of range for 5 members"),
+    ({1: [-1]}, "member -1, out of range"),
+    ({1: [2, 2]}, "member 2 twice"),
+    ({1: [0], 2: [0]}, "member 0, which already stopped"),
+    ({1: [True, False, False, False, False]}, "not a mask"),
+    ({1: [1.0]}, "1.0, which is not a member index"),
+    ({1: 3}, "None or a collection of member indices"),
+])
+def test_bad_on_epoch_results_are_refused(pop, plan, message):
+  with pytest.raises(ValueError, match=message):
+    pop.train(_five(), on_epoch=_stopping(plan))
