@@ -132,13 +132,24 @@ def table(results, include_failed=None):
              _DASH if row["verdict"] is None else row["verdict"]]
     lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
   objective = results.get("objective") or {}
+  pruned = any(r["trials_pruned"] for r in rows)
   trials = ", ".join(
-      f"{r['name']} {r['trials_complete']}/{r['trials_failed']}"
+      f"{r['name']} {r['trials_complete']}"
+      + (f"/{r['trials_pruned']}" if pruned else "")
+      + f"/{r['trials_failed']}"
       + ("" if r["best_value"] is None else f" (best {r['best_value']:.4f})")
       for r in rows)
   footer = (f"Objective: {objective.get('metric', '?')}"
-            f" ({objective.get('direction', '?')}). Trials completed/failed:"
-            f" {trials}.")
+            f" ({objective.get('direction', '?')}). Trials completed/"
+            f"{'pruned/' if pruned else ''}failed: {trials}.")
+  if pruned:
+    epochs = sum(r["tuning_epochs"] or 0 for r in rows)
+    full = sum((r["trials_complete"] + r["trials_pruned"]
+                + r["trials_failed"]) for r in rows) * (
+                    (results.get("tuning") or {}).get("num_epochs") or 0)
+    footer += (f" Tuning trained {epochs} epochs"
+               + (f" of the {full} an unpruned study would" if full else "")
+               + f" (pruner: {results['tuning']['pruner']}).")
   wall = results.get("wall_time_s") or {}
   if wall:
     footer += " Wall time: " + ", ".join(

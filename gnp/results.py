@@ -236,7 +236,8 @@ def summarize(results, include_failed=None):
   this one lacks), ``metrics`` ({key in METRICS: {"values", "mean", "std"}},
   final-epoch values as fractions in seed order; mean None without values,
   std None with fewer than two), ``best_params``, ``best_value``,
-  ``trials_complete``, ``trials_failed``, ``failed`` ({seed: {"epoch",
+  ``trials_complete``, ``trials_pruned``, ``trials_failed``,
+  ``tuning_epochs`` (None where results.json predates it), ``failed`` ({seed: {"epoch",
   "reason"}}), ``include_failed`` and ``paired``: None for the first arm,
   otherwise {"metric", "seeds", "n", "unpaired_seeds", "excluded_seeds"
   (common seeds left out as failed in either arm), "differences" (per seed,
@@ -273,7 +274,9 @@ def summarize(results, include_failed=None):
         "best_params": dict(arm.get("best_params") or {}),
         "best_value": arm.get("best_value"),
         "trials_complete": states.count("COMPLETE"),
+        "trials_pruned": states.count("PRUNED"),
         "trials_failed": states.count("FAIL"),
+        "tuning_epochs": arm.get("tuning_epochs"),
         "failed": failed[name], "include_failed": include_failed,
         "paired": None if i == 0 else _paired(
             arm, arms[0], set(skipped[name]) | set(skipped[reference])),

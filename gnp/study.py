@@ -46,6 +46,7 @@ What a study is (its keys, arms and validation) lives in `gnp.study_config`.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import os
@@ -80,6 +81,7 @@ from gnp.study_config import default_study
 from gnp.study_config import distribution
 from gnp.study_config import final_seeds
 from gnp.study_config import load_config
+from gnp.study_config import pruner
 from gnp.study_config import smoke
 from gnp.study_config import tuning_seed
 from gnp.study_config import validate
@@ -88,13 +90,16 @@ from gnp.writers import write_atomically
 # --- Training runs ---------------------------------------------------------
 
 
-def _train(study, configs, datasets, run_dirs, populations) -> list[dict]:
+def _train(study, configs, datasets, run_dirs, populations,
+           should_stop=None) -> list[dict]:
   """Histories of ``configs`` (``datasets[i]`` is config i's data): vmapped
   per structure, or one at a time.
 
   ``populations`` caches the compiled `population.Population` by structure,
   so that an arm's batches of trials compile once; structures this call
   does not train are dropped (each holds its compiled programs).
+  ``should_stop(i, epoch, history)``, asked after every epoch of config i
+  while it trains (vectorised only), stops it there when it returns True.
   """
   if not study.vectorize:
     return [_train_one(config, directory, dataset)
@@ -112,11 +117,22 @@ def _train(study, configs, datasets, run_dirs, populations) -> list[dict]:
     if key not in populations:
       populations[key] = population.Population(configs[members[0]],
                                                datasets[members[0]])
+    on_epoch = None
+    if should_stop is not None:
+      on_epoch = functools.partial(_stop, members=members,
+                                   should_stop=should_stop)
     results, _ = populations[key].train(
-        [configs[i] for i in members])
+        [configs[i] for i in members], on_epoch=on_epoch)
     for i, history in zip(members, results):
       histories[i] = history
   return histories
+
+
+def _stop(epoch, histories, *, members, should_stop):
+  """A population's ``on_epoch``: its members that ``should_stop`` stops."""
+  return [j for j, history in enumerate(histories)
+          if "stopped_epoch" not in history
+          and should_stop(members[j], epoch, history)]
 
 
 def _train_one(config, workdir: str, dataset) -> dict:
@@ -172,12 +188,14 @@ def _optuna_study(study, spec, storage, finished: int,
       n_startup_trials=study.tuning.startup_trials)
   return optuna.create_study(study_name=replicate_name(spec, replicate),
                              storage=storage, direction=study.direction,
-                             sampler=sampler, load_if_exists=True)
+                             sampler=sampler, pruner=pruner(study),
+                             load_if_exists=True)
 
 
 def _finished(trials) -> list:
   return [t for t in trials
-          if t.state == optuna.trial.TrialState.COMPLETE
+          if t.state in (optuna.trial.TrialState.COMPLETE,
+                         optuna.trial.TrialState.PRUNED)
           or (t.state == optuna.trial.TrialState.FAIL
               and t.user_attrs.get("diverged"))]
 
@@ -228,17 +246,28 @@ def tune(study, spec, workdir: str, dataset_of,
                for r, _, t in asked]
     run_dirs = [_run_dir(workdir, spec, r, f"trial_{t.number}")
                 for r, _, t in asked]
+
+    def should_stop(i, epoch, history):
+      trial = asked[i][2]
+      trial.report(history[study.objective][-1], epoch)
+      # A trial that trained to the end is complete, whatever its rung.
+      return epoch < study.tuning.num_epochs and trial.should_prune()
+
     started = time.perf_counter()
     histories = _train(study, configs, [dataset_of(r) for r, _, _ in asked],
-                       run_dirs, populations)
+                       run_dirs, populations,
+                       should_stop if study.tuning.pruner != "none" else None)
     seconds = (time.perf_counter() - started) / len(asked)
     for (_, optuna_study, t), history in zip(asked, histories):
       diverged = history.pop("diverged", None)
       history.pop("diverged_epoch", None)
+      pruned = history.pop("stopped_epoch", None)
       t.set_user_attr("history", history)
       t.set_user_attr("train_time_s", seconds)
       value = (history.get(study.objective) or [math.nan])[-1]
-      if math.isfinite(value) and diverged is None:
+      if pruned is not None and diverged is None:
+        optuna_study.tell(t, state=optuna.trial.TrialState.PRUNED)
+      elif math.isfinite(value) and diverged is None:
         optuna_study.tell(t, value)
       else:
         t.set_user_attr("diverged", diverged or "non-finite objective")
@@ -405,6 +434,10 @@ def _run_locked(study: ml_collections.ConfigDict, workdir: str) -> dict:
                         "best_value": value,
                         "seeds": [s["seed"] for s in finals[r]["seeds"]]}
                        for r, (params, value) in enumerate(best)],
+        # Epochs trained in tuning: fewer than trials × tuning.num_epochs
+        # where the pruner stopped trials early.
+        "tuning_epochs": sum(len(t["history"].get("epoch", []))
+                             for t in trials),
         "wall_time_s": {"tuning": tuning_time,
                         "final": sum(f["train_time_s"] for f in finals)},
     }
@@ -416,6 +449,8 @@ def _run_locked(study: ml_collections.ConfigDict, workdir: str) -> dict:
       "num_classes": int(dataset_of(study.arms[0], 0).num_classes),
       "include_failed": bool(study.include_failed),
       "replicates": study.tuning.replicates,
+      "tuning": {"num_epochs": study.tuning.num_epochs,
+                 "pruner": study.tuning.pruner},
       "arms": arms,
       "wall_time_s": {
           "tuning": sum(a["wall_time_s"]["tuning"] for a in arms),

@@ -20,6 +20,7 @@ from gnp import population
 from gnp.errors import ConfigError
 
 _DISTRIBUTIONS = ("log", "uniform", "int", "choice")
+PRUNERS = ("none", "halving")
 
 
 def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -83,6 +84,14 @@ def default_study() -> ml_collections.ConfigDict:
   # True: replicate r also draws its own data (dataset.seed + 1000 r: the
   # label-noise draw and the validation split); False: one dataset for all.
   c.tuning.independent_data = False
+  # Stopping hopeless trials early: "none", or "halving" (Optuna's
+  # asynchronous successive halving): at epochs min_epochs · factor^k a
+  # trial goes on only if its objective is in the best 1/factor of the
+  # trials of its arm and replicate that reached that epoch; the others
+  # stop there (PRUNED) and their population shrinks.
+  c.tuning.pruner = "none"
+  c.tuning.pruner_min_epochs = 5
+  c.tuning.pruner_factor = 3
   c.final = ml_collections.ConfigDict()
   c.final.num_seeds = 5  # Retrained seeds per arm: seed + 1, + 2, ...
   c.final.num_epochs = 30  # Each retrained seed's training length.
@@ -150,6 +159,15 @@ def arm_config(study: ml_collections.ConfigDict, spec,
   return config
 
 
+def pruner(study: ml_collections.ConfigDict) -> optuna.pruners.BasePruner:
+  """The Optuna pruner of ``tuning.pruner`` (a no-op one for "none")."""
+  if study.tuning.pruner == "halving":
+    return optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=study.tuning.pruner_min_epochs,
+        reduction_factor=study.tuning.pruner_factor)
+  return optuna.pruners.NopPruner()
+
+
 def validate(study: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first thing wrong with ``study``."""
   if not study.name:
@@ -179,6 +197,16 @@ def validate(study: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"tuning.{name} must be a positive integer.")
   if not isinstance(study.tuning.independent_data, bool):
     raise ConfigError("tuning.independent_data must be True or False.")
+  if study.tuning.pruner not in PRUNERS:
+    raise ConfigError(f"tuning.pruner must be one of {', '.join(PRUNERS)},"
+                      f" got {study.tuning.pruner!r}.")
+  for name, low in (("pruner_min_epochs", 1), ("pruner_factor", 2)):
+    value = study.tuning[name]
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+      raise ConfigError(f"tuning.{name} must be an integer >= {low}.")
+  if study.tuning.pruner != "none" and not study.vectorize:
+    raise ConfigError("tuning.pruner stops members of a vectorised"
+                      " population; with vectorize=False use pruner='none'.")
   for name in ("num_seeds", "num_epochs"):
     if not isinstance(study.final[name], int) or study.final[name] < 1:
       raise ConfigError(f"final.{name} must be a positive integer.")

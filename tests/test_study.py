@@ -162,6 +162,9 @@ def test_independent_data_draws_per_replicate():
 
 @pytest.mark.parametrize("overrides,message", [
     ({"tuning.replicates": 0}, "tuning.replicates"),
+    ({"tuning.pruner": "asha"}, "tuning.pruner must be one of none, halving"),
+    ({"tuning.pruner_factor": 1}, "pruner_factor must be an integer >= 2"),
+    ({"tuning.pruner": "halving", "vectorize": False}, "vectorize=False"),
     ({"tuning.replicates": 2, "final.num_seeds": 1000}, "below 1000"),
     ({"tuning.replicates": 2**23, "final.num_seeds": 1}, "2\\*\\*32"),
     ({"objective": "test/accuracy"}, "never reads the test set"),
@@ -339,3 +342,48 @@ def test_a_workdir_refuses_another_study(finished):
   with pytest.raises(UserError, match="holds another study.*train.optimizer.b1"):
     study.run(tiny_study(**{"train.optimizer.b1": 0.8}), workdir)
   assert sorted(os.listdir(workdir)) == before
+
+
+def test_a_pruned_study_trains_fewer_epochs_and_says_so(tmp_path):
+  settings = {"tuning.num_trials": 6, "tuning.trials_at_once": 3,
+              "tuning.num_epochs": 4, "tuning.pruner_min_epochs": 1,
+              "tuning.pruner_factor": 2, "final.num_seeds": 1,
+              "final.num_epochs": 1}
+
+  def one_arm(**more):
+    config = tiny_study(**settings, **more)
+    config.arms = config.arms[:1]
+    return config
+
+  full = study.run(one_arm(), str(tmp_path / "full"))
+  pruned = study.run(one_arm(**{"tuning.pruner": "halving"}),
+                     str(tmp_path / "pruned"))
+  for before, after in zip(full["arms"], pruned["arms"]):
+    assert before["tuning_epochs"] == 6 * 4
+    lengths = [len(t["history"]["epoch"]) for t in after["trials"]]
+    states = [t["state"] for t in after["trials"]]
+    assert after["tuning_epochs"] == sum(lengths) < 6 * 4
+    # A pruned trial stopped at a rung (epoch 1 or 2), the others ran out.
+    assert all(n in (1, 2) if s == "PRUNED" else n == 4
+               for n, s in zip(lengths, states)), (lengths, states)
+    assert "PRUNED" in states and "COMPLETE" in states
+    # Its value is the objective where it stopped; the best is a complete one.
+    for t in after["trials"]:
+      assert t["value"] == t["history"]["validation/accuracy"][-1]
+    best = max((t for t in after["trials"] if t["state"] == "COMPLETE"),
+               key=lambda t: t["value"])
+    assert after["best_params"] == best["params"]
+  # The first batch of trials is the same draw in both: pruning only stopped
+  # some of them, and the survivors trained exactly as unpruned.
+  for before, after in zip(full["arms"], pruned["arms"]):
+    for b, a in zip(before["trials"][:3], after["trials"][:3]):
+      assert b["params"] == a["params"]
+      n = len(a["history"]["epoch"])
+      np.testing.assert_allclose(a["history"]["validation/accuracy"],
+                                 b["history"]["validation/accuracy"][:n],
+                                 rtol=1e-6)
+  table = open(tmp_path / "pruned" / "table.md").read()
+  epochs = sum(a["tuning_epochs"] for a in pruned["arms"])
+  assert f"Tuning trained {epochs} epochs of the 24 an unpruned study" in table
+  assert "Trials completed/pruned/failed:" in table
+  assert "pruned" not in open(tmp_path / "full" / "table.md").read()
