@@ -21,7 +21,7 @@ from ml_collections import config_dict
 
 from gnp.errors import ConfigError
 
-METHODS = ("plain", "sam", "gnp", "gnvr", "gvr", "hessian")
+METHODS = ("plain", "sam", "gnp", "gnvr", "gvr", "hessian", "clip")
 MODELS = ("mlp", "cnn", "resnet18", "wide_resnet", "vgg16_bn")
 DATASETS = ("mnist1d", "cifar10", "cifar100", "synthetic")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -77,9 +77,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.gnp.exact = False  # Hessian-vector product instead of the difference.
   c.gnp.normalize_first = False  # Mix g/‖g‖ instead of g.
   c.gnp.group_size = config_dict.placeholder(int)  # m-sharpness; None = batch.
+  # ASAM's geometry (Kwon et al., 2021): perturb along T²g/‖Tg‖ with
+  # T = |θ| + eta elementwise; the penalty becomes ‖T ⊙ ∇L‖.
+  c.gnp.adaptive = False
+  c.gnp.eta = 0.01  # η, T's floor; only with adaptive.
   c.sam = ml_collections.ConfigDict()
-  c.sam.rho = 0.05  # The ascent radius ρ.
+  c.sam.rho = 0.05  # The ascent radius ρ (ASAM's are larger: 0.5, 1.0).
   c.sam.group_size = config_dict.placeholder(int)  # m-sharpness; None = batch.
+  c.sam.adaptive = False  # ASAM: ε = ρ T²g/‖Tg‖, T = |θ| + eta.
+  c.sam.eta = 0.01  # η, T's floor; only with adaptive.
   c.gnvr = ml_collections.ConfigDict()
   c.gnvr.lam = 0.01  # λ: weight of the per-example gradient-norm variance.
   c.gnvr.ddof = 1  # The variance divides by batch_size - ddof.
@@ -90,6 +96,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.hessian = ml_collections.ConfigDict()
   c.hessian.lam = 0.001  # λ: weight of the Hutchinson estimate of ‖H‖_F².
   c.hessian.num_probes = 1  # Rademacher probes per step.
+  # Per-example gradient clipping: (1/B) Σ min(1, τ/‖∇ℓ_i‖) ∇ℓ_i. Set
+  # exactly one threshold, max_norm (a fixed τ) or outlier_mads (τ = median +
+  # k · 1.4826 · MAD of the batch's per-example gradient norms; e.g. 3). Not
+  # optimizer.grad_clip, which clips the batch's update.
+  c.clip = ml_collections.ConfigDict()
+  # A fixed threshold τ > 0 on each example's gradient norm (or outlier_mads).
+  c.clip.max_norm = config_dict.placeholder(float)
+  # k ≥ 0 for τ = median + k · 1.4826 · MAD of the batch's per-example
+  # gradient norms, e.g. 3 (or max_norm).
+  c.clip.outlier_mads = config_dict.placeholder(float)
+  c.clip.method = "auto"  # Per-example norms: auto, ghost or vmap.
   # Relax the penalty during the learning-rate warm-up (Zhao et al., 2024):
   # none, lambda (strength ramps from 0), r (radius ramps; gnp, sam) or zero.
   c.regularizer_warmup = "none"
@@ -314,6 +331,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
   _one_of("optimizer.schedule", config.optimizer.schedule, SCHEDULES)
   _one_of("regularizer_warmup", config.regularizer_warmup, WARMUP_STRATEGIES)
   _one_of("gnvr.method", config.gnvr.method, ("auto", "ghost", "vmap"))
+  _one_of("clip.method", config.clip.method, ("auto", "ghost", "vmap"))
   _one_of("on_nonfinite", config.on_nonfinite, ("stop", "skip"))
 
   _int_in("seed", config.seed, 0, NUM_SEEDS - 1)
@@ -365,6 +383,24 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
     _nonnegative(name, config[section][field])
   _check(not (config.gnp.exact and config.gnp.normalize_first),
          "gnp.exact and gnp.normalize_first cannot both be set.")
+  for section in ("gnp", "sam"):
+    adaptive = config[section].adaptive
+    _check(isinstance(adaptive, bool),
+           f"{section}.adaptive must be True or False, got {adaptive!r}.")
+    _nonnegative(f"{section}.eta", config[section].eta)
+  _check(not (config.gnp.adaptive and config.gnp.normalize_first),
+         "gnp.adaptive and gnp.normalize_first cannot both be set.")
+  clip = config.clip
+  if clip.max_norm is not None:
+    _nonnegative("clip.max_norm", clip.max_norm, strict=True)
+  if clip.outlier_mads is not None:
+    _nonnegative("clip.outlier_mads", clip.outlier_mads)
+  if config.method == "clip":
+    _check((clip.max_norm is None) != (clip.outlier_mads is None),
+           "method='clip' needs exactly one threshold: clip.max_norm (a fixed"
+           " τ) or clip.outlier_mads (τ = median + k·1.4826·MAD of the"
+           " per-example norms, e.g. 3); got clip.max_norm="
+           f"{clip.max_norm!r}, clip.outlier_mads={clip.outlier_mads!r}.")
   _int_in("hessian.num_probes", config.hessian.num_probes, 1, MAX_PROBES)
   _check(_is_int(config.gnvr.ddof) and 0 <= config.gnvr.ddof,
          f"gnvr.ddof must be a non-negative integer, got {config.gnvr.ddof!r}.")
@@ -386,6 +422,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
   if config.regularizer_warmup != "none":
     _check(config.method != "plain",
            "regularizer_warmup needs a regulariser; method='plain' has none.")
+    _check(config.method != "clip",
+           "regularizer_warmup ramps a penalty's strength; method='clip' has"
+           " none (its threshold is not ramped).")
     _check(opt.warmup_epochs > 0,
            f"regularizer_warmup={config.regularizer_warmup!r} needs "
            "optimizer.warmup_epochs > 0.")

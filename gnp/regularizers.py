@@ -19,18 +19,24 @@ from gnp import penalties
 
 
 # method -> (factory, traced hyper-parameters, static options), each named as
-# both the config field and the factory's argument.
+# both the config field and the factory's argument. A traced hyper-parameter
+# whose config value is None is left out (the factory's default, None):
+# whether it is set shapes the step, its value does not. Per-example
+# clipping has two, of which exactly one is set.
 METHODS = {
     "plain": (penalties.plain, (), ()),
     "gnp": (penalties.gradient_norm, ("r", "alpha"),
-            ("exact", "normalize_first", "group_size")),
-    "sam": (penalties.sam, ("rho",), ("group_size",)),
+            ("exact", "normalize_first", "group_size", "adaptive", "eta")),
+    "sam": (penalties.sam, ("rho",), ("group_size", "adaptive", "eta")),
     "gnvr": (penalties.gradient_norm_variance, ("lam",), ("ddof", "method")),
     "gvr": (penalties.view_consistency, ("alpha",), ("wrt",)),
     "hessian": (penalties.hessian_frobenius, ("lam",), ("num_probes",)),
+    "clip": (penalties.per_example_clipping, ("max_norm", "outlier_mads"),
+             ("method",)),
 }
 # What each warm-up strategy ramps. SAM has only a radius, ρ, which is also
-# its strength, so every strategy ramps it.
+# its strength, so every strategy ramps it. Per-example clipping has no
+# strength to ramp (`gnp.config` refuses a warm-up for it).
 _RAMPED = {"r": {"r", "rho"}, "lambda": {"alpha", "lam", "rho"},
            "zero": {"alpha", "lam", "rho"}}
 
@@ -75,8 +81,15 @@ class Regularizer:
     return factory(loss_fn, **self.values(step, hparams), **self.options)
 
 
+def traced_values(config) -> dict:
+  """The method's traced hyper-parameters that are set: ``{name: value}``."""
+  section = config.get(config.method, {})
+  return {name: section[name] for name in METHODS[config.method][1]
+          if section[name] is not None}
+
+
 def build_regularizer(config, steps_per_epoch: int, augment) -> Regularizer:
-  _, hparam_names, option_names = METHODS[config.method]
+  option_names = METHODS[config.method][2]
   section = config.get(config.method, {})
   options = {name: section[name] for name in option_names}
   if config.method == "gvr":
@@ -89,7 +102,7 @@ def build_regularizer(config, steps_per_epoch: int, augment) -> Regularizer:
     options["views"] = views
   return Regularizer(
       method=config.method,
-      hparams={name: section[name] for name in hparam_names},
+      hparams=traced_values(config),
       options=options,
       warmup=config.regularizer_warmup,
       warmup_steps=max(round(config.optimizer.warmup_epochs * steps_per_epoch), 1),

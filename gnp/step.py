@@ -60,17 +60,17 @@ def hyperparameters(config: ml_collections.ConfigDict) -> dict:
   """The config's traced hyper-parameters: ``{section: {name: float32}}``.
 
   The learning rate, weight decay and L2 coefficient, and the method's
-  strengths and radii (`gnp.regularizers.METHODS`). Every other key shapes
-  the compiled step. Whether weight decay and L2 are applied at all is
-  decided by the config (nonzero or not), not by the traced value.
+  strengths and radii (`gnp.regularizers.METHODS`) that are set (not None).
+  Every other key shapes the compiled step. Whether weight decay and L2 are
+  applied at all is decided by the config (nonzero or not), not by the
+  traced value.
   """
   opt = config.optimizer
   values = {"optimizer": {name: opt[name] for name in
                           ("learning_rate", "weight_decay", "l2")}}
-  names = regularizers.METHODS[config.method][1]
-  if names:
-    values[config.method] = {name: config[config.method][name]
-                             for name in names}
+  traced = regularizers.traced_values(config)
+  if traced:
+    values[config.method] = traced
   return jax.tree.map(lambda v: np.float32(v), values)
 
 

@@ -13,6 +13,7 @@ import pytest
 from gnp import bench
 from gnp import train
 from gnp.errors import ConfigError
+from gnp.errors import UserError
 from tests.helpers import load_config
 from tests.helpers import run
 
@@ -116,6 +117,9 @@ GPU_RESNET = {"backend": "gpu", "batch_size": 128, "dtype": "bfloat16",
      _row(examples_per_s=31_000), None),
     ("resnet18", "gnp", GPU_RESNET, _row(ratio=2.05), True),
     ("mlp", "gnp_exact", CPU_MLP, _row(ratio=9.0), None),  # No target.
+    ("mlp", "clip_ghost", CPU_MLP, _row(ratio=2.2), True),
+    ("mlp", "clip_ghost", CPU_MLP, _row(ratio=2.21), False),
+    ("mlp", "asam", CPU_MLP, _row(ratio=9.0), None),  # No target.
 ])
 def test_target_verdicts(model, method, setting, row, met):
   assert bench._judge(model, method, row, setting)["met"] is met
@@ -145,6 +149,16 @@ def test_gnvr_on_resnet_is_refused_before_compilation():
     train.create_experiment(config)
 
 
+def test_clipping_with_ghost_norms_is_refused_on_resnet_when_traced():
+  # The ResNet has BatchNorm: its row is n/a (bench_model catches this at
+  # compilation), not a crash, nor a silent fall-back to vmap.
+  config = bench.method_config(bench.base_config("resnet18", smoke=True),
+                               "clip_ghost")
+  exp = train.create_experiment(config)
+  with pytest.raises(UserError, match="BatchNorm"):
+    exp.step.lower(exp.abstract_state, exp.train_batch(0))
+
+
 def test_the_mlp_rows_are_configs_mnist1d():
   assert bench.base_config("mlp").to_dict() == load_config("mnist1d").to_dict()
 
@@ -172,12 +186,14 @@ def test_command_line_smoke_and_bad_method(tmp_path):
 def test_the_resnet_section_runs_in_bfloat16(tmp_path):
   # The path a GPU run takes (ResNet-18, bfloat16, a refused GNVR row), at
   # smoke size on whatever backend is here.
-  results = bench.run(models=("resnet18",), methods=("plain", "gnvr_ghost"),
+  results = bench.run(models=("resnet18",),
+                      methods=("plain", "gnvr_ghost", "clip_ghost"),
                       repeats=2, warmup=0, block=1, out=str(tmp_path),
                       dtype="bfloat16", smoke=True, command="test")
   (section,) = results["models"]
   assert section["setting"]["dtype"] == "bfloat16"
-  plain, gnvr = section["rows"]
+  plain, gnvr, clip = section["rows"]
+  assert clip["status"] == "n/a" and "BatchNorm" in clip["reason"]
   assert plain["status"] == "ok" and len(plain["times_ms"]) == 2
   assert plain["xla_memory_bytes"] > 0
   assert plain["target"] == "≥ 30,000 ex/s" and plain["met"] is None

@@ -159,10 +159,29 @@ WALK = {
         "gnp.exact": (BOOLEAN, {ZERO: TRAINS}),
         "gnp.normalize_first": (BOOLEAN, {ZERO: TRAINS}),
         "gnp.group_size": (INT, {}),
+        "gnp.adaptive": (BOOLEAN, {ZERO: TRAINS}),
+    }),
+    # η matters only with the adaptive perturbation; a huge one is a huge
+    # radius (T ≈ η: ε ≈ r η ĝ).
+    "gnp_adaptive": ({"method": "gnp", "gnp.adaptive": "True"}, {
+        "gnp.eta": (FLOAT, {ZERO: TRAINS, HUGE_FLOAT: DIVERGES}),
     }),
     "sam": ({"method": "sam"}, {
         "sam.rho": (FLOAT, {ZERO: TRAINS, HUGE_FLOAT: DIVERGES}),
         "sam.group_size": (INT, {}),
+        "sam.adaptive": (BOOLEAN, {ZERO: TRAINS}),
+    }),
+    "asam": ({"method": "sam", "sam.adaptive": "True"}, {
+        "sam.eta": (FLOAT, {ZERO: TRAINS, HUGE_FLOAT: DIVERGES}),
+    }),
+    # Exactly one threshold is set: here the key's own. k = 0 clips to the
+    # median norm; a huge k or τ clips nothing.
+    "clip": ({"method": "clip"}, {
+        "clip.outlier_mads": (FLOAT, {ZERO: TRAINS, HUGE_FLOAT: TRAINS}),
+        "clip.max_norm": (FLOAT, {HUGE_FLOAT: TRAINS}),
+    }),
+    "clip_robust": ({"method": "clip", "clip.outlier_mads": "3"}, {
+        "clip.method": (STRING, {}),
     }),
     "gnvr": ({"method": "gnvr"}, {
         "gnvr.lam": (FLOAT, {ZERO: TRAINS, HUGE_FLOAT: DIVERGES}),

@@ -88,6 +88,8 @@ BAD = {
     "too many steps": (["--config.num_epochs=1000000000"],
                        "steps the int32 step counter holds"),
     # Raised when the step was traced, after the workdir was written, before.
+    "clip without a threshold": (["--config.method=clip"],
+                                 "method='clip' needs exactly one threshold"),
     "gvr.wrt matching nothing": (["--config.method=gvr",
                                   "--config.augment.noise_std=0.1",
                                   "--config.gvr.wrt=nothing_named_so"],
@@ -201,7 +203,7 @@ def test_a_misspelled_key_in_a_config_file_is_caught():
 
 @pytest.mark.parametrize("name", [
     "mnist1d", "mnist1d_gnvr", "mnist1d_gc", "mnist1d_hessian", "cifar100_gnp",
-    "cifar100_sam", "cifar100_gvr", "cifar10_wrn_gnp"])
+    "cifar100_sam", "cifar100_gvr", "cifar10_wrn_gnp", "cifar10_asam"])
 def test_every_config_is_valid(name):
   config_lib.validate(load_config(name))
   config_lib.validate(load_config(name, "smoke"))

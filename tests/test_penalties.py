@@ -24,6 +24,12 @@ METHODS = {
     "gnp_exact": lambda f, s: gnp.penalties.gradient_norm(
         f, r=s, alpha=0.5, exact=True),
     "sam": lambda f, s: gnp.penalties.sam(f, rho=s),
+    "asam": lambda f, s: gnp.penalties.sam(f, rho=s, adaptive=True),
+    "gnp_adaptive": lambda f, s: gnp.penalties.gradient_norm(
+        f, r=0.05, alpha=s, adaptive=True),
+    "gnp_adaptive_exact": lambda f, s: gnp.penalties.gradient_norm(
+        f, r=s, alpha=0.5, exact=True, adaptive=True),
+    "clip": lambda f, s: gnp.penalties.per_example_clipping(f, max_norm=s),
     "gnvr": lambda f, s: gnp.penalties.gradient_norm_variance(f, lam=s),
     "gvr": lambda f, s: gnp.penalties.view_consistency(
         f, alpha=s, views=shift_views),
@@ -58,7 +64,9 @@ def test_plain_is_value_and_grad():
   jax.tree.map(np.testing.assert_array_equal, actual, expected)
 
 
-@pytest.mark.parametrize("name", ["gnp", "gnp_exact", "sam", "gnvr", "hessian"])
+@pytest.mark.parametrize("name", ["gnp", "gnp_exact", "sam", "gnvr", "hessian",
+                                  "asam", "gnp_adaptive",
+                                  "gnp_adaptive_exact"])
 def test_zero_strength_is_plain(name, x64):
   loss_fn, params, batch = tiny_problem(3)
   key = jax.random.key(0)
@@ -87,7 +95,11 @@ def test_traced_hyperparameters_do_not_recompile(name):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5,
                                                          atol=1e-6),
                  traced, constant)
-  assert not np.allclose(first[0][0], second[0][0])
+  if name == "clip":  # Its loss is L(θ) whatever τ; its update moves.
+    assert not np.allclose(jax.tree.leaves(first[1])[0],
+                           jax.tree.leaves(second[1])[0])
+  else:
+    assert not np.allclose(first[0][0], second[0][0])
 
 
 def test_loss_fn_must_return_per_example_losses():

@@ -143,9 +143,8 @@ MUTANTS = [
        "order = np.random.default_rng([seed, 0]).permutation(num_examples)",
        [T + "test_data.py::test_every_example_once_per_epoch_and_epochs_differ"], "every epoch in the same order"),
     _m("report_t_dof", "gnp/results.py",
-       "half = float(stats.t.ppf(0.975, n - 1) * diffs.std(ddof=1) /"
-       " math.sqrt(n))",
-       "half = float(stats.t.ppf(0.975, n) * diffs.std(ddof=1) / math.sqrt(n))",
+       "return float(stats.t.ppf(0.975, values.size - 1) * values.std(ddof=1)",
+       "return float(stats.t.ppf(0.975, values.size) * values.std(ddof=1)",
        [T + "test_report.py"], "the t interval with n degrees of freedom"),
     _m("report_population_std", "gnp/results.py",
        '"std": float(values.std(ddof=1)) if values.size > 1 else None}',

@@ -16,14 +16,16 @@ key)``, with ``stats`` a dict of scalars: ``task_loss`` (mean loss at θ),
 ``penalty`` (the unscaled penalty term) and, where the method computes ∇L,
 ``grad_norm`` (‖∇L(θ)‖), plus keys each method documents.
 
-Hyper-parameters that schedules change (``r``, ``alpha``, ``rho``, ``lam``)
-may be traced scalars: build the gradient function inside the jitted step from
+Hyper-parameters that schedules change (``r``, ``alpha``, ``rho``, ``lam``,
+and per-example clipping's ``max_norm`` / ``outlier_mads``) may be traced
+scalars: build the gradient function inside the jitted step from
 the step's schedule values and nothing recompiles.
 
 The mathematics of each method is in its module's docstring.
 """
 
 from gnp.penalties._base import GradientFn
+from gnp.penalties.clipping import per_example_clipping
 from gnp.penalties.gradient_norm import gradient_norm
 from gnp.penalties.gradient_norm_variance import gradient_norm_variance
 from gnp.penalties.hessian import hessian_frobenius
@@ -38,6 +40,7 @@ __all__ = [
     "gradient_norm_variance",
     "hessian_frobenius",
     "last_layer",
+    "per_example_clipping",
     "plain",
     "sam",
     "view_consistency",

@@ -379,6 +379,30 @@ def per_example_norms(
       layers differently from one trace to the next (a jitted ``loss_fn``
       whose cached trace skips the interception).
   """
+  losses, aux, norms, summed_grad, _ = per_example_norms_with_pullback(
+      loss_fn, params, batch, key, branch=branch, calls=calls)
+  size = _base.batch_size(batch)
+  mean_grad = jax.tree.map(lambda g: g / size, summed_grad)
+  return jnp.mean(losses), aux, norms, mean_grad
+
+
+def per_example_norms_with_pullback(
+    loss_fn: _base.LossFn,
+    params,
+    batch,
+    key,
+    *,
+    branch: Branch = "auto",
+    calls: tuple[LayerCall, ...] | None = None,
+):
+  """`per_example_norms`, and the forward pass's pullback for reuse.
+
+  Returns ([B] per-example losses, aux, [B] norms, ∇Σ_i ℓ_i(θ), pullback),
+  where ``pullback(w)`` with ``w`` of shape [B] is ∇_θ Σ_i w_i ℓ_i(θ): one
+  more backward pass through the forward pass already made (per-example
+  clipping weights each example by its clip factor this way). Arguments and
+  errors as `per_example_norms`.
+  """
   if branch not in BRANCHES:
     raise ValueError(f"unknown branch={branch!r}; choose one of {BRANCHES}.")
   if calls is None:
@@ -450,5 +474,5 @@ def per_example_norms(
   for ks in biases.values():
     bias_grad = sum(jnp.sum(rows[k][1], axis=1) for k in ks)
     squared += jnp.sum(bias_grad ** 2, axis=(1, 2))
-  mean_grad = jax.tree.map(lambda g: g / size, summed_grad)
-  return jnp.mean(losses), aux, _base.safe_sqrt(squared), mean_grad
+  pullback = lambda weights: backward(weights)[0]
+  return losses, aux, _base.safe_sqrt(squared), summed_grad, pullback
