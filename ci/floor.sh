@@ -29,6 +29,8 @@ tests=(
   tests/test_transforms.py::test_jit_and_inject_hyperparams
   tests/test_step.py::test_the_run_key_is_typed_and_checkpoints_as_the_legacy_bytes
   tests/test_train.py::test_checkpoints_are_written_by_orbax_and_loadable
+  tests/test_asam.py
+  tests/test_clipping.py
 )
 
 if [[ -n "${FLOOR_VENV:-}" ]]; then
