@@ -213,6 +213,19 @@ def flatten(config, prefix="") -> dict:
   return out
 
 
+def nest(flat: dict) -> dict:
+  """``{"a.b": value}`` -> ``{"a": {"b": value}}``: `flatten`'s inverse
+  (ConfigDict keys cannot hold dots)."""
+  nested = {}
+  for key, value in flat.items():
+    *sections, name = key.split(".")
+    node = nested
+    for section in sections:
+      node = node.setdefault(section, {})
+    node[name] = value
+  return nested
+
+
 def differences(a, b, ignore=()) -> dict[str, tuple]:
   """``{dotted key: (value in a, value in b)}`` where two configs differ.
 

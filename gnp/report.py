@@ -46,7 +46,8 @@ _SHORT_NAMES = {"learning_rate": "lr", "weight_decay": "wd", "lam": "λ",
 _DASH = "—"
 
 
-def _pm(stat, scale=1.0, digits=4):
+def mean_std_cell(stat, scale=1.0, digits=4):
+  """``mean ± std`` of a `gnp.results` statistic, dashes where undefined."""
   if stat["mean"] is None:
     return _DASH
   std = _DASH if stat["std"] is None else f"{stat['std'] * scale:.{digits}f}"
@@ -68,7 +69,9 @@ def format_params(params):
   return ", ".join(parts)
 
 
-def _paired_cell(paired):
+def paired_cell(paired):
+  """A paired difference as ``+1.23 [+0.45, +2.01] (n=5)`` (pp), or
+  "reference" for None."""
   if paired is None:
     return "reference"
   if paired["mean"] is None:
@@ -76,7 +79,7 @@ def _paired_cell(paired):
   ci = _DASH if paired["low"] is None else (
       f"[{paired['low'] * 100:+.2f}, {paired['high'] * 100:+.2f}]")
   n = f"n={paired['n']}"
-  if paired["estimator"] == "replicates":
+  if paired.get("estimator") == "replicates":
     n = f"R={len(paired['replicates'])}, {n}"
   return f"{paired['mean'] * 100:+.2f} {ci} ({n})"
 
@@ -124,11 +127,11 @@ def table(results, include_failed=None):
       missing = row["missing_seeds"]
       seeds += f" (lacks seed{'s' * (len(missing) > 1)}"
       seeds += f" {', '.join(map(str, missing))})"
-    cells = [row["name"], _pm(m["test/accuracy"], 100, 2),
-             _pm(m["validation/accuracy"], 100, 2), _pm(m["validation/loss"]),
-             _pm(m["train/cross_entropy"]), _pm(m["test/loss"]), seeds,
+    cells = [row["name"], mean_std_cell(m["test/accuracy"], 100, 2),
+             mean_std_cell(m["validation/accuracy"], 100, 2), mean_std_cell(m["validation/loss"]),
+             mean_std_cell(m["train/cross_entropy"]), mean_std_cell(m["test/loss"]), seeds,
              str(len(row["failed"])), _params_cell(row),
-             _paired_cell(row["paired"]),
+             paired_cell(row["paired"]),
              _DASH if row["verdict"] is None else row["verdict"]]
     lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
   objective = results.get("objective") or {}

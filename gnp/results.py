@@ -18,6 +18,24 @@ METRICS = ("test/accuracy", "validation/accuracy", "validation/loss",
 PAIRED_METRIC = "test/accuracy"
 
 
+def seed_entry(seed: int, history: dict) -> dict:
+  """One final run as results.json holds it: ``{"seed", "history"}``, and
+  for a run that diverged ``diverged`` (why) and ``diverged_epoch``, which
+  `failures` reads. ``history`` is a population's or a sequential run's,
+  whose ``diverged``/``diverged_epoch`` keys move out of it (not in place).
+  """
+  history = dict(history)
+  entry = {"seed": seed}
+  epoch = history.pop("diverged_epoch", None)
+  if "diverged" in history:  # Its curves stop being training there.
+    entry["diverged"] = history.pop("diverged")
+    # A sequential run stops at the first sync after the fault: its history
+    # ends in the epoch it diverged.
+    entry["diverged_epoch"] = epoch or len(history.get("epoch", []))
+  entry["history"] = history
+  return entry
+
+
 def check(results):
   """Raises UserError naming the first part of `results` that is malformed."""
   arms = results.get("arms") if isinstance(results, dict) else None

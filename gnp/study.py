@@ -69,6 +69,7 @@ from gnp import experiment as experiment_lib
 from gnp import loop
 from gnp import population
 from gnp import report
+from gnp import results as results_lib
 from gnp import writers
 from gnp.data import pipeline
 from gnp.errors import NonFiniteError
@@ -332,13 +333,8 @@ def retrain(study, spec, best_params: list[dict], workdir: str, dataset_of,
 
 
 def _seed_entry(seed: int, history: dict) -> dict:
-  entry = {"seed": seed, "history": history}
-  epoch = history.pop("diverged_epoch", None)
-  if "diverged" in history:  # Its curves stop being training there.
-    entry["diverged"] = history.pop("diverged")
-    # A sequential run stops at the first sync after the fault: its history
-    # ends in the epoch it diverged.
-    entry["diverged_epoch"] = epoch or len(history.get("epoch", []))
+  entry = results_lib.seed_entry(seed, history)
+  if "diverged" in entry:
     logging.warning("seed %d diverged: %s", seed, entry["diverged"])
   return entry
 

@@ -46,20 +46,10 @@ def arm(name: str, description: str = "", *, overrides=None,
   """
   return ml_collections.ConfigDict({
       "name": name, "description": description,
-      "overrides": _nest(overrides or {}), "search": _nest(search or {}),
+      "overrides": config_lib.nest(overrides or {}), "search": config_lib.nest(search or {}),
   })
 
 
-def _nest(flat: dict) -> dict:
-  """``{"a.b": v}`` -> ``{"a": {"b": v}}`` (ConfigDict keys cannot hold dots)."""
-  nested = {}
-  for key, value in flat.items():
-    *sections, name = key.split(".")
-    node = nested
-    for section in sections:
-      node = node.setdefault(section, {})
-    node[name] = value
-  return nested
 
 
 def default_study() -> ml_collections.ConfigDict:

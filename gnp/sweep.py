@@ -78,6 +78,7 @@ from gnp import config as config_lib
 from gnp import data as data_lib
 from gnp import experiment as experiment_lib
 from gnp import population
+from gnp import results as results_lib
 from gnp import sweep_config
 from gnp import sweep_report
 from gnp import writers
@@ -154,7 +155,7 @@ def _train_missing(sweep, members, workdir: str) -> int:
                 "seed": member.seed, "config": _as_json(member.config),
                 "num_classes": int(dataset.num_classes),
                 "train_time_s": seconds}
-      record.update(_seed_entry(member.seed, history))
+      record.update(results_lib.seed_entry(member.seed, history))
       writers.write_atomically(_run_path(workdir, member),
                                json.dumps(record, indent=1))
     elapsed = time.perf_counter() - started
@@ -162,19 +163,6 @@ def _train_missing(sweep, members, workdir: str) -> int:
                  " to go.", i, len(chunks), len(chunk), elapsed,
                  elapsed / i * (len(chunks) - i))
   return len(todo)
-
-
-def _seed_entry(seed: int, history: dict) -> dict:
-  """The study's layout of one seed's run (`gnp.study`): a diverged run
-  says so and at which epoch, as `gnp.results.failures` reads it."""
-  history = dict(history)
-  entry = {"seed": seed}
-  epoch = history.pop("diverged_epoch", None)
-  if "diverged" in history:
-    entry["diverged"] = history.pop("diverged")
-    entry["diverged_epoch"] = epoch or len(history.get("epoch", []))
-  entry["history"] = history
-  return entry
 
 
 # --- The sweep ---------------------------------------------------------------

@@ -42,15 +42,8 @@ TRACED_KEYS = ("optimizer.learning_rate", "optimizer.weight_decay",
 
 
 def nest(flat: dict) -> ml_collections.ConfigDict:
-  """``{"gnvr.lam": v}`` -> ConfigDict ``gnvr.lam = v`` (keys hold no dots)."""
-  nested = {}
-  for key, value in flat.items():
-    *sections, name = key.split(".")
-    node = nested
-    for section in sections:
-      node = node.setdefault(section, {})
-    node[name] = value
-  return ml_collections.ConfigDict(nested)
+  """``{"gnvr.lam": v}`` -> ConfigDict ``gnvr.lam = v`` (`gnp.config.nest`)."""
+  return ml_collections.ConfigDict(config_lib.nest(flat))
 
 
 def log_grid(low: float, high: float, num: int, *,

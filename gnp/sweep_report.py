@@ -21,6 +21,7 @@ import os
 import numpy as np
 from matplotlib.figure import Figure
 
+from gnp import report
 from gnp import results as results_lib
 from gnp import writers
 
@@ -207,23 +208,6 @@ def _heatmaps(result: dict, curves: dict) -> Figure:
 # --- Table -------------------------------------------------------------------
 
 
-def _pm(stat, scale=1.0, digits=4) -> str:
-  if stat["mean"] is None:
-    return _DASH
-  std = _DASH if stat["std"] is None else f"{stat['std'] * scale:.{digits}f}"
-  return f"{stat['mean'] * scale:.{digits}f} ± {std}"
-
-
-def _paired_cell(paired) -> str:
-  if paired is None:
-    return "reference"
-  if paired["mean"] is None:
-    return f"{_DASH} (no common seeds)"
-  ci = _DASH if paired["low"] is None else (
-      f"[{paired['low'] * 100:+.2f}, {paired['high'] * 100:+.2f}]")
-  return f"{paired['mean'] * 100:+.2f} {ci} (n={paired['n']})"
-
-
 def table(result: dict) -> str:
   """table.md: a row per grid point, the setting above, failures below."""
   rows = summarize(result)
@@ -246,12 +230,13 @@ def table(result: dict) -> str:
            "|" + "|".join("---" for _ in header) + "|"]
   for row in rows:
     m = row["metrics"]
+    cell = report.mean_std_cell
     cells = [*(_number(row["values"][k]) for k in keys),
-             _pm(m["test/accuracy"], 100, 2), _pm(m["test/loss"]),
-             _pm(m["train/cross_entropy"]), _pm(m["validation/accuracy"], 100,
-                                                2),
-             _pm(m["validation/loss"]), str(row["num_seeds"]),
-             str(len(row["failed"])), _paired_cell(row["paired"])]
+             cell(m["test/accuracy"], 100, 2), cell(m["test/loss"]),
+             cell(m["train/cross_entropy"]),
+             cell(m["validation/accuracy"], 100, 2),
+             cell(m["validation/loss"]), str(row["num_seeds"]),
+             str(len(row["failed"])), report.paired_cell(row["paired"])]
     lines.append("| " + " | ".join(cells) + " |")
   lines += ["", "Mean ± sample std over seeds of the last epoch, failed runs"
             " left out; accuracies in percent; train loss is the last"
