@@ -23,6 +23,12 @@ tests=(
   tests/test_ghost.py::test_unsupported_models_are_refused_and_auto_uses_vmap
   tests/test_ghost.py::test_a_layer_given_a_transformed_parameter_is_refused
   tests/test_ghost.py::test_a_leaf_shared_between_layers_is_exact
+  # Not the Equinox model: equinox 0.13.8 declares jax 0.7.0 incompatible.
+  "tests/test_ghost_jaxpr.py::test_norms_equal_vmap_in_both_forms[jnp_cnn]"
+  "tests/test_ghost_jaxpr.py::test_norms_equal_vmap_in_both_forms[jnp_transformed]"
+  "tests/test_ghost_jaxpr.py::test_norms_equal_vmap_in_both_forms[nnx_cnn]"
+  "tests/test_ghost_jaxpr.py::test_gnvr_gradient_equals_vmap[jnp_cnn-gram]"
+  tests/test_ghost_jaxpr.py::test_refusals_name_the_parameter_and_the_primitive
   tests/test_gradient_norm_variance.py::test_stats_and_default_ddof_is_unbiased
   tests/test_transforms.py::test_centralize_matches_numpy_loop
   tests/test_transforms.py::test_chain_on_flax_params

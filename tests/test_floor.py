@@ -17,7 +17,7 @@ from jax.extend.core import primitives as jex_primitives
 import jax.numpy as jnp
 import optax
 
-from gnp.penalties import ghost
+from gnp.penalties import ghost_jaxpr
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # jaxlib is not named in setup.py (jax requires it); its pin is jax's floor.
@@ -78,15 +78,23 @@ def test_floor_constraints_pin_exactly_the_setup_py_floors():
 
 
 def test_the_call_primitives_ghost_looks_inside_exist_in_this_jax():
-  # ghost's liveness analysis follows data through these primitives by name;
-  # under a JAX that names them otherwise (before 0.7, `jax.jit` was "pjit")
-  # it would silently treat every input of every jitted call as used.
-  names = {
+  # ghost_jaxpr follows the examples and the parameters into these calls by
+  # name; under a JAX that names them otherwise (before 0.7, `jax.jit` was
+  # "pjit") it would refuse every model with a jitted or rematerialised
+  # layer, and method="auto" would quietly take the vmap path.
+  @jax.custom_jvp
+  def custom(x):
+    return x
+
+  custom.defjvp(lambda primals, tangents: (primals[0], tangents[0]))
+  calls = {
       jax.make_jaxpr(lambda x: jax.jit(jnp.sin)(x))(1.0).eqns[0].primitive.name,
       jax.make_jaxpr(jax.checkpoint(jnp.sin))(1.0).eqns[0].primitive.name,
       jex_primitives.closed_call_p.name,
   }
-  assert ghost._CALL_PRIMITIVES <= names, ghost._CALL_PRIMITIVES - names
+  assert calls <= ghost_jaxpr._CALLS, calls - ghost_jaxpr._CALLS
+  custom_name = jax.make_jaxpr(custom)(1.0).eqns[0].primitive.name
+  assert custom_name in ghost_jaxpr._CUSTOM
 
 
 def test_ghost_looks_inside_a_jitted_helper():
@@ -115,5 +123,6 @@ def test_ghost_looks_inside_a_jitted_helper():
     losses, norm = losses_and_norm(logits, batch[1], p)
     return losses, {"param_norm": norm}
 
-  calls = ghost.analyze(loss_fn, params, (x, y), None)
-  assert sorted(call.path for call in calls) == ["Dense_0", "Dense_1"]
+  plan = ghost_jaxpr.analyze(loss_fn, params, (x, y), None)
+  assert sorted(plan.paths[site.leaf] for site in plan.sites) == [
+      "Dense_0/bias", "Dense_0/kernel", "Dense_1/bias", "Dense_1/kernel"]

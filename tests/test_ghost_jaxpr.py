@@ -1,7 +1,8 @@
 """Ghost norms found in the jaxpr, against `jax.vmap(jax.grad(ℓ))`.
 
 Models written in plain `jax.numpy`, Flax NNX and Equinox; the Flax linen
-models are `tests/test_ghost.py`'s.
+models are `tests/test_ghost.py`'s. Float64 wherever numbers are compared
+to rounding.
 """
 
 import functools
@@ -18,8 +19,10 @@ from jax.flatten_util import ravel_pytree
 import gnp
 from gnp.penalties import ghost
 from gnp.penalties import ghost_jaxpr
+from tests.helpers import run
 
 gnvr = importlib.import_module("gnp.penalties.gradient_norm_variance")
+clipping = importlib.import_module("gnp.penalties.clipping")
 # LLVM at -O0 compiles these small programs 3x faster; no arithmetic changes.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
@@ -381,6 +384,22 @@ def test_refusals_name_the_parameter_and_the_primitive(name, monkeypatch):
   assert calls
 
 
+@pytest.mark.parametrize("name", ["jnp_cnn", "nnx_cnn", "eqx_cnn"])
+def test_auto_takes_ghost_norms_for_models_without_linen(name, monkeypatch):
+  loss_fn, params, batch = problem(name, 0)
+
+  def no_vmap(*args):
+    raise AssertionError("method='auto' took the vmap path")
+
+  monkeypatch.setattr(gnvr, "vmap_per_example_norms", no_vmap)
+  monkeypatch.setattr(clipping, "_vmap", no_vmap)
+  for make in (functools.partial(gnp.penalties.gradient_norm_variance,
+                                 lam=0.5),
+               functools.partial(gnp.penalties.per_example_clipping,
+                                 max_norm=1.0)):
+    jax.eval_shape(make(loss_fn), params, batch, None)
+
+
 def test_an_unused_parameter_and_aux_uses_are_not_refused(x64):
   """Only what the losses depend on counts: a parameter norm in aux does not."""
   loss_fn, params, batch = problem("jnp_mlp", 0)
@@ -396,3 +415,40 @@ def test_an_unused_parameter_and_aux_uses_are_not_refused(x64):
       for f in (ghost_jaxpr.per_example_norms, gnvr.vmap_per_example_norms)],
                              compiler_options=FAST_COMPILE)(tree)
   np.testing.assert_allclose(actual, expected, rtol=1e-12)
+
+
+_SHARDED = """
+import importlib
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+jax.config.update("jax_enable_x64", True)
+from gnp.penalties import ghost_jaxpr
+from tests import test_ghost_jaxpr as t
+gnvr = importlib.import_module("gnp.penalties.gradient_norm_variance")
+clipping = importlib.import_module("gnp.penalties.clipping")
+mesh = Mesh(np.asarray(jax.devices()), ("data",))
+for name in ("jnp_cnn", "jnp_transformed"):
+  loss_fn, params, batch = t.problem(name, 0, batch_size=8)
+  norms = lambda p, b: ghost_jaxpr.per_example_norms(loss_fn, p, b, None)[2]
+  expected = jax.jit(lambda p, b: gnvr.vmap_per_example_norms(
+      loss_fn, p, b, None)[2])(params, batch)
+  sharded = jax.device_put(batch, NamedSharding(mesh, P("data")))
+  under_jit = jax.jit(norms)(params, sharded)
+  under_shard_map = jax.jit(jax.shard_map(
+      norms, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data")))(
+          params, sharded)
+  for actual in (under_jit, under_shard_map):
+    np.testing.assert_allclose(actual, expected, rtol=1e-11)
+print("devices", jax.device_count())
+"""
+
+
+@pytest.mark.slow
+def test_sharded_batches_and_shard_map():
+  """4 CPU devices: the batch sharded under jit, and the norms computed
+  inside shard_map on each device's examples (probes vary per device)."""
+  result = run(["-c", _SHARDED],
+               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                    "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "devices 4" in result.stdout

@@ -32,9 +32,10 @@ How, by ``method``:
   Strong Differentially Private Learners", ICLR 2022,
   https://arxiv.org/abs/2110.05679; Bu et al., ICML 2023): one forward pass, one
   backward pass of Σ_i ℓ_i that yields every n_i by ghost norms
-  (`gnp.penalties.ghost`, which has the mathematics and what it supports:
-  models whose every parameter is the kernel or bias of a Flax ``nn.Dense``
-  or ``nn.Conv``), then a second backward pass through the same forward pass,
+  (`gnp.penalties.ghost` has the mathematics, `gnp.penalties.ghost_jaxpr`
+  what it supports: any JAX model whose every parameter is used linearly, as
+  a dense or convolution kernel or an additive bias), then a second backward
+  pass through the same forward pass,
   of Σ_i c_i ℓ_i / B with the c_i constant: ∇ of it is the update. No
   per-example gradient of the whole model is formed.
 * ``"vmap"``: per-example gradients with ``jax.vmap(jax.grad(ℓ))`` (ℓ calls
@@ -65,6 +66,7 @@ import jax.numpy as jnp
 from gnp import _checks
 from gnp.penalties import _base
 from gnp.penalties import ghost
+from gnp.penalties import ghost_jaxpr
 
 # MAD × 1.4826 estimates the standard deviation of normally distributed data.
 MAD_TO_STD = 1.4826
@@ -88,7 +90,7 @@ def clip_factors(norms, tau):
 
 def _ghost(loss_fn, params, batch, key):
   """(losses [B], aux, norms [B], pullback) from one forward pass."""
-  losses, aux, norms, _, pullback = ghost.per_example_norms_with_pullback(
+  losses, aux, norms, _, pullback = ghost_jaxpr.per_example_norms_with_pullback(
       loss_fn, params, batch, key)
   return losses, aux, norms, pullback
 
@@ -163,7 +165,7 @@ def per_example_clipping(
       over the batch (k = 0 clips to the median norm); may be a traced
       scalar. Exactly one of ``max_norm`` and ``outlier_mads`` is given.
     method: ``"auto"`` (ghost norms and a second backward pass where every
-      parameter belongs to a supported Flax layer, else vmap), ``"ghost"`` or
+      parameter is used linearly, see `ghost_jaxpr`, else vmap), ``"ghost"`` or
       ``"vmap"``; see the module docstring, also for how ``key`` is used.
 
   Returns:

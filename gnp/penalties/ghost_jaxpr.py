@@ -7,8 +7,8 @@ squared norm is Σ_{t,t'} (a_t·a_t')(δ_t·δ_t') (Gram form) or the squared
 norm of that P×Q matrix (outer form), whichever costs less. What is new
 here is how the linear uses are found: not by intercepting `flax.linen`
 modules but in the jaxpr of ``loss_fn``, so the model may be written in
-Flax linen or NNX (``nnx.merge`` inside ``loss_fn``), Equinox, Haiku or
-plain ``jax.numpy``.
+Flax linen or NNX (``nnx.merge`` inside ``loss_fn``), Equinox or plain
+``jax.numpy``: any function of a pytree of parameters.
 
 `analyze` traces ``loss_fn(params, batch, key)`` to a jaxpr and follows two
 things through every equation the per-example losses depend on:
@@ -51,8 +51,9 @@ its output z; one backward pass of Σ_i ℓ_i gives the probes' cotangents, δ
 for every example at once (examples do not interact: that is what the first
 check above establishes). Everything is ordinary JAX: the norms are
 differentiable (GNVR's second-order gradient flows through a and δ) and
-work under ``jit``, ``vmap`` (a population of parameter sets) and
-sharded batches.
+work under ``jit``, ``vmap`` (a population of parameter sets), sharded
+batches and ``shard_map`` (there the probes vary across devices as the
+outputs they are added to do, so each device's δ are its own examples').
 
 Per parameter leaf: if its every use is a dot_general or conv with the same
 layout through a norm-preserving view (no scaling, the usual case), the
@@ -85,14 +86,18 @@ UnsupportedModelError = ghost.UnsupportedModelError
 # their operands (operands of rank 0 or with size-1 axes broadcast).
 _ELEMENTWISE = frozenset("""
     abs acos acosh add and asin asinh atan atan2 atanh bessel_i0e bessel_i1e
-    cbrt ceil clamp clz complex conj convert_element_type copy copy_p cos cosh
+    cbrt ceil clamp clz complex conj convert_element_type cos cosh
     digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt igamma igammac
     imag integer_pow is_finite le lgamma log log1p logistic lt max min mul ne
     neg nextafter not or polygamma population_count pow real reduce_precision
     rem round rsqrt select_n shift_left shift_right_arithmetic
     shift_right_logical sign sin sinh sqrt square stop_gradient sub tan tanh
-    xor zeta sharding_constraint mesh_cast reshard pvary layout_constraint
+    xor zeta
 """.split())
+# Primitives whose every output is its operand (placement, vma typing).
+_IDENTITY = frozenset(
+    "copy copy_p device_put layout_constraint mesh_cast optimization_barrier "
+    "pcast pvary reshard sharding_constraint".split())
 _REDUCTIONS = frozenset("""
     reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or
     reduce_xor argmax argmin
@@ -107,10 +112,10 @@ _CALLS = frozenset("jit pjit closed_call core_call remat2 checkpoint".split())
 # examples, refused where a parameter enters (inlining would drop the rule).
 _CUSTOM = frozenset(
     "custom_jvp_call custom_vjp_call custom_vjp_call_jaxpr".split())
-# Views of a parameter: linear maps of it that `_chain` can transpose.
+# Views of a parameter: linear maps of it, which `_pull_back` transposes.
 _VIEWS = frozenset(
-    "convert_element_type reshape transpose squeeze broadcast_in_dim copy "
-    "copy_p neg mul div".split())
+    "convert_element_type reshape transpose squeeze broadcast_in_dim neg mul "
+    "div".split())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,17 +191,14 @@ def _sub_jaxpr(eqn):
   return sub, []
 
 
-def _live(jaxpr, live_out) -> list[bool]:
-  """Which equations the outputs marked live depend on."""
+def _live(jaxpr, live_out) -> set:
+  """The variables that the outputs marked live depend on."""
   live = {v for v, used in zip(jaxpr.outvars, live_out)
           if used and isinstance(v, jex.Var)}
-  flags = [False] * len(jaxpr.eqns)
-  for i in reversed(range(len(jaxpr.eqns))):
-    eqn = jaxpr.eqns[i]
+  for eqn in reversed(jaxpr.eqns):
     if any(v in live for v in eqn.outvars):
-      flags[i] = True
       live.update(v for v in eqn.invars if isinstance(v, jex.Var))
-  return flags
+  return live
 
 
 class _Analysis:
@@ -243,30 +245,36 @@ class _Analysis:
     for v, s in zip(jaxpr.invars, in_states):
       state[v] = s
     read = lambda v: state.get(v) if isinstance(v, jex.Var) else None
-    for i, (eqn, live) in enumerate(zip(jaxpr.eqns, _live(jaxpr, live_out))):
-      if not live:
+    live = _live(jaxpr, live_out)
+    for i, eqn in enumerate(jaxpr.eqns):
+      live_here = [v in live for v in eqn.outvars]
+      if not any(live_here):
         continue
       path = prefix + (i,)
       ins = [read(v) for v in eqn.invars]
-      outs = self.step(eqn, ins, path)
+      outs = self.step(eqn, ins, path, live_here)
       for v, s in zip(eqn.outvars, outs):
         # Axes computed from equation parameters may be numpy integers.
         state[v] = int(s) if isinstance(s, np.integer) else s
     return [read(v) for v in jaxpr.outvars]
 
-  def step(self, eqn, ins, path):
+  def step(self, eqn, ins, path, live):
     name = eqn.primitive.name
     n_out = len(eqn.outvars)
     params = [s for s in ins if isinstance(s, _Param)]
     if all(s is None for s in ins):
       return [None] * n_out  # Constants, keys, random bits: no examples.
+    if name in _IDENTITY:
+      if params:
+        self.views[path] = "identity"
+      return list(ins)
     if name in _CALLS or name in _CUSTOM:
-      return self.call(eqn, ins, path)
+      return self.call(eqn, ins, path, live)
     if params:
       return [self.param_use(eqn, ins, path)]
     return self.batch_rule(eqn, ins)
 
-  def call(self, eqn, ins, path):
+  def call(self, eqn, ins, path, live):
     sub = _sub_jaxpr(eqn)
     name = eqn.primitive.name
     params = [s for s in ins if isinstance(s, _Param)]
@@ -279,7 +287,7 @@ class _Analysis:
                         "of its own")
     if params:
       self.inline.add(path)
-    return self.walk(sub[0], ins, [True] * len(sub[0].outvars), path)
+    return self.walk(sub[0], ins, live, path)
 
   # Parameters -------------------------------------------------------------
 
@@ -327,8 +335,8 @@ class _Analysis:
     expands = (name == "broadcast_in_dim"
                and math.prod(out_aval.shape) != math.prod(in_aval.shape))
     self.views[path] = "expand" if expands else "linear"
-    expanded = ((tuple(in_aval.shape), tuple(eqn.params["broadcast_dimensions"]))
-                if expands else None)
+    expanded = (tuple(in_aval.shape),
+                tuple(eqn.params["broadcast_dimensions"])) if expands else None
     op = (name, tuple(out_aval.shape), tuple(
         (key, str(value)) for key, value in sorted(eqn.params.items())
         if key not in ("sharding", "out_sharding")))
@@ -400,8 +408,6 @@ class _Analysis:
     axes = {s for s in ins if isinstance(s, int)}
     aval = next(v.aval for v, s in zip(eqn.invars, ins) if isinstance(s, int))
     axis = min(axes)
-    if name in ("optimization_barrier", "device_put"):
-      return list(ins)  # Each output is its operand.
     if name in _ELEMENTWISE:
       if len(axes) > 1:
         self.refuse_unknown(eqn, ": its operands carry the examples on "
@@ -566,15 +572,13 @@ def analyze(loss_fn: _base.LossFn, params, batch, key) -> Plan:
       names the parameter's path and the primitive.
   """
   size = _base.batch_size(batch)
-  shapes = lambda tree: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
+  # Traced from the values' types, which under shard_map include how they
+  # vary across devices (so the jaxpr has the same pvary casts).
   closed, out_shapes = jax.make_jaxpr(loss_fn, return_shape=True)(
-      shapes(params), shapes(batch), None if key is None else shapes(key))
-  losses_shape = jax.tree.leaves(out_shapes)[0] if jax.tree.leaves(
-      out_shapes) else None
-  if (not isinstance(out_shapes, tuple) or len(out_shapes) != 2
-      or losses_shape is None or losses_shape.shape != (size,)
-      or jax.tree.leaves(out_shapes[0]) != [losses_shape]):
+      params, batch, key)
+  losses = (out_shapes[0] if isinstance(out_shapes, tuple)
+            and len(out_shapes) == 2 else None)
+  if getattr(losses, "shape", None) != (size,):
     raise ValueError(
         "loss_fn must return (per-example losses of shape [B], aux); got "
         f"{out_shapes}.")
@@ -583,7 +587,8 @@ def analyze(loss_fn: _base.LossFn, params, batch, key) -> Plan:
   in_states = ([_Param(i, (), True) for i in range(num_params)]
                + [0] * num_batch)
   in_states += [None] * (len(closed.jaxpr.invars) - len(in_states))
-  analysis = _Analysis(ghost._leaf_paths(params), size)  # pylint: disable=protected-access
+  paths = ghost._leaf_paths(params)  # pylint: disable=protected-access
+  analysis = _Analysis(paths, size)
   live_out = [False] * len(closed.jaxpr.outvars)
   live_out[0] = True
   losses_state = analysis.walk(closed.jaxpr, in_states, live_out)[0]
@@ -614,7 +619,7 @@ class _Chain:
 
 def _bind(eqn, invals):
   bound = eqn.primitive.get_bind_params(eqn.params)
-  # (subfuns, params) up to JAX 0.8, params since.
+  # Older JAX returns (subfuns, params), newer the params alone.
   subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
   with eqn.ctx.manager:
     outs = eqn.primitive.bind(*subfuns, *invals, **params)
@@ -633,7 +638,10 @@ def _extend(chain: _Chain, eqn, invals, k, kind) -> _Chain:
   def fn(leaf):
     args = [jnp.asarray(x, leaf.dtype) if j != k else chain.fn(leaf)
             for j, x in enumerate(others)]
-    return _bind(eqn, args)[0]
+    # Under shard_map the leaf may vary across devices where the parameter
+    # did not (a per-example gradient does).
+    axes = frozenset().union(*(_varying_axes(jax.typeof(a)) for a in args))
+    return _bind(eqn, [_vary(a, axes) for a in args])[0]
 
   return _Chain(fn)
 
@@ -676,7 +684,9 @@ class _Interpreter:
       else:
         outs = _bind(eqn, invals)
         kind = self.plan.views.get(path)
-        if kind is not None:
+        if kind == "identity":
+          out_chains = in_chains
+        elif kind is not None:
           k = next(j for j, c in enumerate(in_chains) if c is not None)
           out_chains = [_extend(in_chains[k], eqn, invals, k, kind)]
       for v, x, c in zip(eqn.outvars, outs, out_chains):
@@ -701,8 +711,10 @@ def _dot_layout(site: Site):
   x_contract, x_batch = (lc, lb) if k == 1 else (rc, rb)
   w_ndim = site.eqn.invars[k].aval.ndim
   x_ndim = site.eqn.invars[1 - k].aval.ndim
-  w_free = [d for d in range(w_ndim) if d not in w_contract and d not in w_batch]
-  x_free = [d for d in range(x_ndim) if d not in x_contract and d not in x_batch]
+  w_free = [d for d in range(w_ndim)
+            if d not in w_contract and d not in w_batch]
+  x_free = [d for d in range(x_ndim)
+            if d not in x_contract and d not in x_batch]
   return (list(w_batch), list(w_contract), w_free,
           list(x_contract), list(x_batch), x_free)
 
@@ -813,11 +825,36 @@ def _pull_back(chain: _Chain, grads, leaf_shape, dtype, batch_axis=0,
       w = jax.lax.broadcast_in_dim(w, shape, dims)
     return w.reshape(w1) if w1 is not None else w
 
-  _, pullback = jax.vjp(view, jnp.zeros(leaf_shape, dtype))
+  leaf = _vary(jnp.zeros(leaf_shape, dtype), _varying_axes(jax.typeof(grads)))
+  _, pullback = jax.vjp(view, leaf)
   if w1 is None:
     return jax.vmap(lambda g: pullback(g)[0])(grads)
   return jax.vmap(lambda g: pullback(jnp.expand_dims(g, batch_axis))[0],
                   in_axes=batch_axis)(grads)
+
+
+def _varying_axes(aval) -> frozenset:
+  """The shard_map mesh axes along which values of type `aval` vary."""
+  manual = getattr(aval, "manual_axis_type", None)  # Since JAX 0.9; vma before.
+  return frozenset(manual.varying if manual is not None
+                   else getattr(aval, "vma", ()))
+
+
+def _vary(x, axes):
+  """`x`, cast to vary along `axes` too (a no-op outside shard_map)."""
+  missing = tuple(sorted(axes - _varying_axes(jax.typeof(x))))
+  if not missing:
+    return x
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(x, missing, to="varying")
+  return jax.lax.pvary(x, missing)
+
+
+def _zeros_like(aval):
+  """Zeros of `aval`'s type. Under shard_map a probe varies across devices
+  as its site's output does: an invariant probe's cotangent would be summed
+  over the devices' examples."""
+  return _vary(jnp.zeros(aval.shape, aval.dtype), _varying_axes(aval))
 
 
 def per_example_norms_with_pullback(
@@ -855,8 +892,7 @@ def per_example_norms_with_pullback(
     losses, aux = jax.tree.unflatten(plan.out_tree, outs)
     return losses, (aux, interpreter.inputs)
 
-  probes = [jnp.zeros(site.out_aval.shape, site.out_aval.dtype)
-            for site in plan.sites]
+  probes = [_zeros_like(site.out_aval) for site in plan.sites]
   losses, backward, (aux, inputs) = jax.vjp(forward, leaves, probes,
                                             has_aux=True)
   # One backward pass of Σ_i ℓ_i: the probes' cotangents are every example's
@@ -875,8 +911,8 @@ def per_example_norms_with_pullback(
     if (all(s.kind != "bias" and s.preserving for s in sites)
         and len({s.signature for s in sites}) == 1):
       rows = [_rows(s, inputs[n], deltas[n], dtype) for n, s in zip(ns, sites)]
-      squared += ghost._kernel_squared_norms(  # pylint: disable=protected-access
-          rows, [None] * len(rows), branch, False).astype(norm_dtype)
+      squared += ghost._kernel_squared_norms(  # pylint: disable=W0212
+          rows, branch).astype(norm_dtype)
       continue
     grad = 0
     for n, site in zip(ns, sites):

@@ -16,13 +16,16 @@ Per-example norms, by ``method``:
   any model, but it materialises B gradients. Layers that mix examples
   (batch normalisation in training mode) see a batch of one there, so
   "per-example gradient" means the gradient of that one-example loss.
-* ``"ghost"``: ghost norms (`gnp.penalties.ghost`, whose docstring has the
-  mathematics): from each Flax ``nn.Dense`` / ``nn.Conv`` layer's inputs and
-  output cotangents, captured by method interception while ``loss_fn`` runs
-  once on the whole batch; no per-example gradient of the whole model is
-  formed. Exact, but only for models whose every parameter is the kernel or
-  bias of such a layer; anything else (an ``nn.Embed``, a norm's scale, batch
-  normalisation in training mode, ...) raises a ValueError that names it.
+* ``"ghost"``: ghost norms (`gnp.penalties.ghost` has the mathematics,
+  `gnp.penalties.ghost_jaxpr` the mechanism): from the inputs and output
+  cotangents of each linear use of a parameter (a dense layer, a
+  convolution, an additive bias) found in the jaxpr of ``loss_fn``, which
+  runs once on the whole batch; no per-example gradient of the whole model
+  is formed. Any JAX model (Flax linen or NNX, Equinox, plain
+  ``jax.numpy``), but exact only where every parameter reaches the losses
+  through such uses and examples do not interact; anything else (an
+  embedding gather, a norm's scale, batch normalisation in training mode,
+  ...) raises a ValueError that names the parameter and the primitive.
 * ``"auto"`` (default): ``"ghost"`` where it applies, ``"vmap"`` otherwise.
   Decided when the gradient function is traced, from the model's structure.
 
@@ -49,6 +52,7 @@ from optax import tree_utils as otu
 from gnp import _checks
 from gnp.penalties import _base
 from gnp.penalties import ghost
+from gnp.penalties import ghost_jaxpr
 
 
 def vmap_per_example_norms(loss_fn: _base.LossFn, params, batch, key):
@@ -78,7 +82,7 @@ def vmap_per_example_norms(loss_fn: _base.LossFn, params, batch, key):
 def auto_per_example_norms(loss_fn: _base.LossFn, params, batch, key):
   """Ghost norms where the ghost path accepts the model, else vmap."""
   try:
-    return ghost.per_example_norms(loss_fn, params, batch, key)
+    return ghost_jaxpr.per_example_norms(loss_fn, params, batch, key)
   except ghost.UnsupportedModelError as e:
     # Logged once per trace: the vmap path can cost tens of plain steps.
     logging.getLogger(__name__).warning(
@@ -90,7 +94,7 @@ def auto_per_example_norms(loss_fn: _base.LossFn, params, batch, key):
 #   -> (mean loss, aux, per-example norms [B], mean gradient)
 PER_EXAMPLE_NORMS: dict[str, Callable] = {
     "auto": auto_per_example_norms,
-    "ghost": ghost.per_example_norms,
+    "ghost": ghost_jaxpr.per_example_norms,
     "vmap": vmap_per_example_norms,
 }
 
@@ -111,7 +115,7 @@ def gradient_norm_variance(
     ddof: the variance divides by B − ddof (1: unbiased; 0: population).
     method: how per-example gradient norms are computed, one of
       ``PER_EXAMPLE_NORMS``: ``"auto"`` (ghost norms where every parameter
-      belongs to a supported Flax layer, else vmap), ``"ghost"`` or
+      is used linearly, see `ghost_jaxpr`, else vmap), ``"ghost"`` or
       ``"vmap"``; see the module docstring, also for how ``key`` is used.
 
   Returns:
