@@ -73,8 +73,13 @@ METHODS = {
     "clip_ghost": ("per-example clipping (ghost)",
                    {"method": "clip", "clip.outlier_mads": 3.0,
                     "clip.method": "ghost"}),
+    # The same MLP without Flax: ghost norms found in any JAX model's jaxpr.
+    "gnvr_ghost_jnp": ("GNVR (ghost), MLP in jax.numpy",
+                       {"method": "gnvr", "gnvr.method": "ghost",
+                        "model.name": "mlp_jnp"}),
 }
 MODELS = ("mlp", "resnet18")
+ONLY_FOR = {"gnvr_ghost_jnp": "mlp"}  # Rows that change the model itself.
 
 
 class Target(NamedTuple):
@@ -444,9 +449,11 @@ def run(*, models=("mlp",), methods=tuple(METHODS), repeats: int = 500,
     dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
   results = {
       "command": command, "machine": machine(),
-      "models": [bench_model(model, methods, repeats=repeats, warmup=warmup,
-                             block=block, dtype=dtype, batch_size=batch_size,
-                             smoke=smoke) for model in models],
+      "models": [bench_model(model, [m for m in methods
+                                     if ONLY_FOR.get(m, model) == model],
+                             repeats=repeats, warmup=warmup, block=block,
+                             dtype=dtype, batch_size=batch_size, smoke=smoke)
+                 for model in models],
   }
   if out:
     write(results, out)

@@ -22,7 +22,7 @@ from ml_collections import config_dict
 from gnp.errors import ConfigError
 
 METHODS = ("plain", "sam", "gnp", "gnvr", "gvr", "hessian", "clip")
-MODELS = ("mlp", "cnn", "resnet18", "wide_resnet", "vgg16_bn")
+MODELS = ("mlp", "cnn", "resnet18", "wide_resnet", "vgg16_bn", "mlp_jnp")
 DATASETS = ("mnist1d", "cifar10", "cifar100", "synthetic")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
@@ -62,8 +62,10 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Model. Which fields matter depends on its name.
   c.model = ml_collections.ConfigDict()
-  c.model.name = "mlp"  # mlp, cnn, resnet18, wide_resnet or vgg16_bn.
-  c.model.hidden = (256, 256)  # mlp: hidden widths; cnn: conv widths.
+  # mlp, cnn, resnet18, wide_resnet, vgg16_bn or mlp_jnp (the mlp written
+  # in plain jax.numpy).
+  c.model.name = "mlp"
+  c.model.hidden = (256, 256)  # mlp(_jnp): hidden widths; cnn: conv widths.
   c.model.depth = 28  # wide_resnet: 6n + 4 layers.
   c.model.width = 10  # wide_resnet: the widening factor.
   c.model.dropout_rate = 0.0  # wide_resnet: dropout in each block.
@@ -453,7 +455,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
     )
 
   model = config.model
-  if model.name in ("mlp", "cnn"):
+  if model.name in ("mlp", "mlp_jnp", "cnn"):
     hidden = model.hidden
     _check(isinstance(hidden, (tuple, list)) and len(hidden) > 0
            and all(_is_int(w) and 1 <= w <= MAX_WIDTH for w in hidden),

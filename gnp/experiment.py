@@ -43,8 +43,8 @@ def build_model(config: ml_collections.ConfigDict, dataset) -> Any:
   ``model.dtype``."""
   m = config.model
   dtype = jnp.dtype(m.dtype)
-  if m.name == "mlp":
-    return models.create("mlp", features=(*m.hidden, dataset.num_classes),
+  if m.name in ("mlp", "mlp_jnp"):
+    return models.create(m.name, features=(*m.hidden, dataset.num_classes),
                          dtype=dtype)
   if m.name == "cnn":
     # Inputs of shape (H, W, C) are images: 2-D convolutions. (T,) and (T, C)

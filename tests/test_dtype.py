@@ -26,6 +26,7 @@ MATMULS = ("dot_general", "conv_general_dilated")
 # size in the config; they are traced at full width.
 CASES = {
     "mlp": ("mnist1d", {"model.hidden": (8, 8)}),
+    "mlp_jnp": ("mnist1d", {"model.hidden": (8, 8)}),
     "cnn_mnist1d": ("mnist1d", {"model.hidden": (4, 8)}),
     "cnn_image": ("image", {"model.hidden": (4, 8)}),
     "resnet18": ("image", {}),

@@ -286,7 +286,7 @@ def test_wrn_dropout_needs_a_key_in_training_only():
 
 def test_create_builds_registered_models():
   assert set(models.MODELS) == {
-      "mlp", "cnn", "resnet18", "wide_resnet", "vgg16_bn"
+      "mlp", "mlp_jnp", "cnn", "resnet18", "wide_resnet", "vgg16_bn"
   }
   model = models.create("resnet18", num_classes=100)
   assert isinstance(model, ResNet18)
@@ -301,3 +301,17 @@ def test_create_builds_registered_models():
 def test_create_rejects_bad_configs(name, kwargs, match):
   with pytest.raises(ConfigError, match=match):
     models.create(name, **kwargs)
+
+
+def test_the_jax_numpy_mlp_is_the_flax_mlp():
+  x = jax.random.normal(jax.random.key(0), (3, 5, 2))
+  flax_mlp, jnp_mlp = MLP((6, 4)), models.MLPJnp((6, 4))
+  variables = jnp_mlp.init({"params": jax.random.key(1)}, x)
+  shapes = lambda tree: jax.tree.map(jnp.shape, tree)
+  assert shapes(variables) == shapes(flax_mlp.init(jax.random.key(1), x))
+  np.testing.assert_array_equal(jnp_mlp.apply(variables, x),
+                                flax_mlp.apply(variables, x))
+  logits, mutated = jnp_mlp.apply(variables, x, train=True,
+                                  mutable=["batch_stats"])
+  np.testing.assert_array_equal(logits, flax_mlp.apply(variables, x))
+  assert mutated == {}

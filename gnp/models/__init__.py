@@ -20,6 +20,7 @@ from __future__ import annotations
 import flax.linen as nn
 
 from gnp.errors import ConfigError
+from gnp.models.plain import MLPJnp
 from gnp.models.resnet import ResNet
 from gnp.models.resnet import ResNet18
 from gnp.models.small import CNN
@@ -30,6 +31,7 @@ from gnp.models.wide_resnet import WideResNet
 __all__ = [
     "CNN",
     "MLP",
+    "MLPJnp",
     "MODELS",
     "VGG16BN",
     "ResNet",
@@ -38,13 +40,15 @@ __all__ = [
     "create",
 ]
 
-# The names a config's ``model.name`` may take.
-MODELS: dict[str, type[nn.Module]] = {
+# The names a config's ``model.name`` may take: Flax modules, and one model
+# in plain jax.numpy with the same ``init`` / ``apply``.
+MODELS: dict[str, type[nn.Module] | type[MLPJnp]] = {
     "mlp": MLP,
     "cnn": CNN,
     "resnet18": ResNet18,
     "wide_resnet": WideResNet,
     "vgg16_bn": VGG16BN,
+    "mlp_jnp": MLPJnp,
 }
 
 
@@ -56,7 +60,7 @@ def create(name: str, **kwargs) -> nn.Module:
     **kwargs: the model's fields, e.g. ``num_classes=100``.
 
   Returns:
-    An unbound Flax module.
+    An unbound Flax module (or `MLPJnp`, which is called the same way).
 
   Raises:
     ConfigError: for an unknown name, or fields the model does not take.
