@@ -54,7 +54,8 @@ def jnp_mlp():
 
   def apply(p, x):
     x = jnp.tanh(_dense(p["l1"], x))
-    x = jax.nn.relu(_dense(p["l2"], x)) + jnp.tanh(x[:, :5])
+    z = x @ p["l2"]["kernel"]  # Used twice: δ of z is not the bias's.
+    x = jax.nn.relu(z + p["l2"]["bias"]) + jnp.tanh(z) + jnp.tanh(x[:, :5])
     return _dense(p["head"], x)
 
   return (lambda rng: _draw(rng, shapes)), apply, (4,)
@@ -262,6 +263,19 @@ def test_sites_name_every_linear_use():
                   ("dot", "twice/kernel"), ("bias", "twice/bias"),
                   ("dot", "heads"), ("dot", "head/kernel"),
                   ("bias", "head/bias")]
+
+
+def test_a_bias_folds_into_its_kernel_where_they_share_delta():
+  """Added straight to a kernel's output, a bias is the kernel's feature 1
+  (one reduction fewer); not where that output is also used elsewhere."""
+  loss_fn, params, batch = problem("jnp_mlp", 0)
+  plan = ghost_jaxpr.analyze(loss_fn, params, batch, None)
+  by_leaf = {}
+  for n, site in enumerate(plan.sites):
+    by_leaf.setdefault(site.leaf, []).append(n)
+  folded = ghost_jaxpr._folded_biases(plan.sites, by_leaf, set(by_leaf))
+  assert {plan.paths[k]: plan.paths[b] for k, b in folded.items()} == {
+      "l1/kernel": "l1/bias", "head/kernel": "head/bias"}
 
 
 def test_jit_remat_and_pullback_inside_loss_fn(x64):

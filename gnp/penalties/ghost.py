@@ -75,25 +75,31 @@ def _gram_is_cheaper(positions: int, p: int, q: int) -> bool:
   return positions * positions * (p + q + 1) <= positions * p * q + p * q
 
 
-def _kernel_squared_norms(rows, branch: Branch):
+def _kernel_squared_norms(rows, branch: Branch, with_bias: bool = False):
   """‖Σ_calls Σ_t a_tᵀ δ_t‖² per example for one kernel: [B].
 
   ``rows`` holds (A [B, T, G, P], D [B, T, G, Q]) for each call, all in the
-  same coordinates; ``branch`` "auto" takes the cheaper form.
+  same coordinates; ``branch`` "auto" takes the cheaper form. With
+  ``with_bias`` (the calls share one bias too, laid out as Q) ‖Σ_calls Σ_t
+  δ_t‖² is added, folded into the Gram form as a constant input feature 1.
   """
   if branch == "outer":
     kernel = sum(jnp.einsum("btgp,btgq->bgpq", a, d) for a, d in rows)
-    return jnp.sum(kernel ** 2, axis=(1, 2, 3))
+    squared = jnp.sum(kernel ** 2, axis=(1, 2, 3))
+    if with_bias:
+      bias = sum(jnp.sum(d, axis=1) for _, d in rows)
+      squared += jnp.sum(bias ** 2, axis=(1, 2))
+    return squared
   a = jnp.concatenate([a for a, _ in rows], axis=1)
   d = jnp.concatenate([d for _, d in rows], axis=1)
   positions, p, q = a.shape[1], a.shape[-1], d.shape[-1]
   if branch == "auto" and not _gram_is_cheaper(positions, p, q):
-    return _kernel_squared_norms(rows, "outer")
-  if positions == 1:  # ‖a‖²‖δ‖² per group, on [B, G, ·] arrays
+    return _kernel_squared_norms(rows, "outer", with_bias)
+  if positions == 1:  # (‖a‖² + 1)‖δ‖² per group, on [B, G, ·] arrays
     a, d = a[:, 0], d[:, 0]
-    return jnp.sum(jnp.sum(a ** 2, axis=-1) * jnp.sum(d ** 2, axis=-1),
-                   axis=-1)
-  gram_a = jnp.einsum("btgp,bsgp->bgts", a, a)
+    return jnp.sum((jnp.sum(a ** 2, axis=-1) + with_bias)
+                   * jnp.sum(d ** 2, axis=-1), axis=-1)
+  gram_a = jnp.einsum("btgp,bsgp->bgts", a, a) + with_bias
   gram_d = jnp.einsum("btgq,bsgq->bgts", d, d)
   return jnp.sum(gram_a * gram_d, axis=(1, 2, 3))
 

@@ -58,16 +58,19 @@ outputs they are added to do, so each device's δ are its own examples').
 Per parameter leaf: if its every use is a dot_general or conv with the same
 layout through a norm-preserving view (no scaling, the usual case), the
 uses' positions are concatenated and `ghost._kernel_squared_norms` takes the
-Gram or outer form by cost. Otherwise (a scaled or masked kernel, a leaf
-used under two different layouts, a bias) each use's per-example gradient
-is formed in the view's layout (outer form), pulled back to the leaf through
-the transpose of the view (a linear map), and summed over the uses before
-the norm is taken. Norms are computed in the use's dtype promoted to at
+Gram or outer form by cost; a bias added straight to each such use's output
+(so that it shares its δ: the usual dense or convolution layer) joins them
+as a constant input feature 1. Otherwise (a scaled or masked kernel, a leaf
+used under two different layouts, any other bias) each use's per-example
+gradient is formed in the view's layout (outer form), pulled back to the
+leaf through the transpose of the view (a linear map), and summed over the
+uses before the norm is taken. Norms are computed in the use's dtype promoted to at
 least float32.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Any, Callable
@@ -146,6 +149,10 @@ class Site:
   signature: tuple  # equal signatures: rows in the same coordinates
   preserving: bool
   eqn: Any  # the jaxpr equation
+  # For a bias added to a dot/conv site's output z, laid out as z's features
+  # (and groups) and broadcast over its examples and positions: that site's
+  # index. Its gradient is then Σ_t δ_t, a constant input feature 1.
+  follows: int | None = None
 
   @property
   def out_aval(self):
@@ -210,6 +217,8 @@ class _Analysis:
     self.sites: list[Site] = []
     self.inline: set = set()
     self.views: dict = {}
+    self.site_of: dict = {}  # a dot/conv site's output variable -> its index
+    self.uses = collections.Counter()  # of each variable of the jaxpr walked
 
   # Refusals ---------------------------------------------------------------
 
@@ -246,6 +255,11 @@ class _Analysis:
       state[v] = s
     read = lambda v: state.get(v) if isinstance(v, jex.Var) else None
     live = _live(jaxpr, live_out)
+    outer_uses, self.uses = self.uses, collections.Counter(
+        v for eqn in jaxpr.eqns if any(u in live for u in eqn.outvars)
+        for v in eqn.invars if isinstance(v, jex.Var))
+    self.uses.update(v for v, used in zip(jaxpr.outvars, live_out)
+                     if used and isinstance(v, jex.Var))
     for i, eqn in enumerate(jaxpr.eqns):
       live_here = [v in live for v in eqn.outvars]
       if not any(live_here):
@@ -256,6 +270,7 @@ class _Analysis:
       for v, s in zip(eqn.outvars, outs):
         # Axes computed from equation parameters may be numpy integers.
         state[v] = int(s) if isinstance(s, np.integer) else s
+    self.uses = outer_uses
     return [read(v) for v in jaxpr.outvars]
 
   def step(self, eqn, ins, path, live):
@@ -361,8 +376,9 @@ class _Analysis:
     w_contract, w_batch = (rc, rb) if k == 1 else (lc, lb)
     signature = ("dot", k, tuple(w_contract), tuple(w_batch),
                  tuple(eqn.invars[k].aval.shape), param.signature)
+    self.site_of[eqn.outvars[0]] = len(self.sites)
     self.sites.append(Site(path, "dot", param.leaf, k, x_state, signature,
-                       param.preserving, eqn))
+                           param.preserving, eqn))
     x_free = [d for d in range(eqn.invars[1 - k].aval.ndim)
               if d not in x_contract and d not in x_batch]
     w_free = eqn.invars[k].aval.ndim - len(w_contract) - len(w_batch)
@@ -380,8 +396,9 @@ class _Analysis:
     rhs_spec = eqn.params["dimension_numbers"][1]
     signature = ("conv", tuple(rhs_spec), eqn.params["feature_group_count"],
                  tuple(eqn.invars[1].aval.shape), param.signature)
+    self.site_of[eqn.outvars[0]] = len(self.sites)
     self.sites.append(Site(path, "conv", param.leaf, 1, ins[0], signature,
-                       param.preserving, eqn))
+                           param.preserving, eqn))
     return out_spec[0]
 
   def bias_site(self, eqn, ins, k, param, path):
@@ -395,8 +412,18 @@ class _Analysis:
       per_example = w_aval.ndim and w_aval.shape[axis] != 1
     if per_example:
       self.refuse_param(eqn, param, ", one value per example")
-    self.sites.append(Site(path, "bias", param.leaf, k, axis,
-                       ("bias", param.signature), param.preserving, eqn))
+    z_in = eqn.invars[1 - k]
+    follows = self.site_of.get(z_in)
+    if follows is not None and (
+        self.uses[z_in] != 1  # else its δ is not the bias's
+        or param.expanded is not None or w_aval.ndim != z_aval.ndim
+        or [w_aval.shape[d] != 1 for d in range(z_aval.ndim)]
+        != [d in _feature_axes(self.sites[follows])
+            for d in range(z_aval.ndim)]):
+      follows = None
+    self.sites.append(Site(
+        path, "bias", param.leaf, k, axis, ("bias", param.signature),
+        param.preserving and param.expanded is None, eqn, follows))
     return axis
 
   # The examples' axis -----------------------------------------------------
@@ -719,14 +746,10 @@ def _dot_layout(site: Site):
           list(x_contract), list(x_batch), x_free)
 
 
-def _dot_rows(site: Site, x, delta):
-  """(A [B, T, G, P], D [B, T, G, Q]) of a dot_general site."""
-  w_batch, _, w_free, x_contract, x_batch, x_free = _dot_layout(site)
-  size = x.shape[site.batch_axis]
-  positions = [d for d in x_free if d != site.batch_axis]
-  groups = math.prod(x.shape[d] for d in x_batch)
-  a = jnp.transpose(x, (site.batch_axis, *positions, *x_batch, *x_contract))
-  a = a.reshape(size, -1, groups, math.prod(x.shape[d] for d in x_contract))
+def _dot_out_axes(site: Site):
+  """z's axes of a dot site: (its batch dimensions, the parameter's free
+  dimensions, the other operand's free dimensions), in z's order."""
+  w_batch, _, w_free, _, _, x_free = _dot_layout(site)
   # z's axes: the batch dimensions, then lhs free, then rhs free.
   start = len(w_batch)
   w_axes = list(range(start, start + len(w_free)))
@@ -735,10 +758,30 @@ def _dot_rows(site: Site, x, delta):
     w_axes = [d + len(x_free) for d in w_axes]
   else:
     x_axes = [d + len(w_free) for d in x_axes]
+  return list(range(start)), w_axes, x_axes
+
+
+def _feature_axes(site: Site) -> set:
+  """The axes of a dot/conv site's output that are its rows' (G, Q)."""
+  if site.kind == "conv":
+    return {site.eqn.params["dimension_numbers"][2][1]}
+  groups, features, _ = _dot_out_axes(site)
+  return {*groups, *features}
+
+
+def _dot_rows(site: Site, x, delta):
+  """(A [B, T, G, P], D [B, T, G, Q]) of a dot_general site."""
+  _, _, _, x_contract, x_batch, x_free = _dot_layout(site)
+  size = x.shape[site.batch_axis]
+  positions = [d for d in x_free if d != site.batch_axis]
+  groups = math.prod(x.shape[d] for d in x_batch)
+  a = jnp.transpose(x, (site.batch_axis, *positions, *x_batch, *x_contract))
+  a = a.reshape(size, -1, groups, math.prod(x.shape[d] for d in x_contract))
+  z_groups, w_axes, x_axes = _dot_out_axes(site)
   z_batch = x_axes[x_free.index(site.batch_axis)]
   z_positions = [x_axes[j] for j, d in enumerate(x_free)
                  if d != site.batch_axis]
-  d = jnp.transpose(delta, (z_batch, *z_positions, *range(start), *w_axes))
+  d = jnp.transpose(delta, (z_batch, *z_positions, *z_groups, *w_axes))
   return a, d.reshape(size, a.shape[1], groups, -1)
 
 
@@ -850,6 +893,22 @@ def _vary(x, axes):
   return jax.lax.pvary(x, missing)
 
 
+def _folded_biases(sites, by_leaf, fast) -> dict[int, int]:
+  """kernel leaf -> bias leaf, where the bias leaf's every use is added to
+  the output of one of the kernel leaf's uses, one bias use each, so its
+  per-example gradient folds into the kernel's rows as a feature 1 (the
+  usual dense or convolution layer: one fewer reduction per layer)."""
+  folded = {}
+  for leaf, ns in by_leaf.items():
+    follows = [sites[n].follows for n in ns]
+    if (all(sites[n].kind == "bias" and sites[n].preserving for n in ns)
+        and None not in follows):
+      kernel = sites[follows[0]].leaf
+      if kernel in fast and sorted(follows) == by_leaf[kernel]:
+        folded[kernel] = leaf
+  return folded
+
+
 def _zeros_like(aval):
   """Zeros of `aval`'s type. Under shard_map a probe varies across devices
   as its site's output does: an invariant probe's cotangent would be summed
@@ -904,15 +963,21 @@ def per_example_norms_with_pullback(
   by_leaf: dict[int, list[int]] = {}
   for n, site in enumerate(plan.sites):
     by_leaf.setdefault(site.leaf, []).append(n)
+  fast = {leaf for leaf, ns in by_leaf.items()
+          if all(plan.sites[n].kind != "bias" and plan.sites[n].preserving
+                 for n in ns)
+          and len({plan.sites[n].signature for n in ns}) == 1}
+  folded = _folded_biases(plan.sites, by_leaf, fast)
   for leaf, ns in by_leaf.items():
+    if leaf in folded.values():
+      continue  # Added with its kernel's.
     sites = [plan.sites[n] for n in ns]
     dtype = jnp.promote_types(
         jnp.result_type(*(s.out_aval.dtype for s in sites)), jnp.float32)
-    if (all(s.kind != "bias" and s.preserving for s in sites)
-        and len({s.signature for s in sites}) == 1):
+    if leaf in fast:
       rows = [_rows(s, inputs[n], deltas[n], dtype) for n, s in zip(ns, sites)]
       squared += ghost._kernel_squared_norms(  # pylint: disable=W0212
-          rows, branch).astype(norm_dtype)
+          rows, branch, leaf in folded).astype(norm_dtype)
       continue
     grad = 0
     for n, site in zip(ns, sites):
