@@ -117,7 +117,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 def ghost_gnvr(loss_fn, branch, **kwargs):
   registry = gnvr.PER_EXAMPLE_NORMS
   original = registry["ghost"]
-  registry["ghost"] = functools.partial(ghost_jaxpr.per_example_norms,
+  registry["ghost"] = functools.partial(ghost.per_example_norms,
                                         branch=branch)
   try:
     return gnp.penalties.gradient_norm_variance(loss_fn, method="ghost",
@@ -137,7 +137,7 @@ def norms_fn(name):
   def norms(params, batch):
     out = {"vmap": gnvr.vmap_per_example_norms(loss_fn, params, batch, None)}
     for branch in ("gram", "outer"):
-      out[branch] = ghost_jaxpr.per_example_norms(loss_fn, params, batch,
+      out[branch] = ghost.per_example_norms(loss_fn, params, batch,
                                                   None, branch=branch)
     return {path: result[2] for path, result in out.items()}
 
@@ -228,7 +228,7 @@ def test_dropout_uses_the_batched_call(x64):
     jacobian = jax.jacrev(lambda p: loss_fn(p, (x, y), key)[0])(p)
     rows = jnp.concatenate(
         [j.reshape(6, -1) for j in jax.tree.leaves(jacobian)], axis=1)
-    return (ghost_jaxpr.per_example_norms(loss_fn, p, (x, y), key)[2],
+    return (ghost.per_example_norms(loss_fn, p, (x, y), key)[2],
             jnp.linalg.norm(rows, axis=1))
 
   for seed in (2, 3):
@@ -243,7 +243,7 @@ def test_unused_parameters_and_subtrees(x64):
   tree = {"model": params, "unused": jnp.ones(3)}
   actual, expected = jax.jit(lambda t: [
       f(wrapped, t, batch, None)[2]
-      for f in (ghost_jaxpr.per_example_norms, gnvr.vmap_per_example_norms)],
+      for f in (ghost.per_example_norms, gnvr.vmap_per_example_norms)],
                              compiler_options=FAST_COMPILE)(tree)
   np.testing.assert_allclose(actual, expected, rtol=1e-12)
 
@@ -257,7 +257,7 @@ def test_low_precision_layers_give_float32_norms():
                                      axis=1).astype(jnp.float32), None)
   norms, expected = jax.jit(lambda p: [
       f(loss_fn, p, x, None)[2]
-      for f in (ghost_jaxpr.per_example_norms, gnvr.vmap_per_example_norms)],
+      for f in (ghost.per_example_norms, gnvr.vmap_per_example_norms)],
                             compiler_options=FAST_COMPILE)(params)
   assert norms.dtype == jnp.float32
   np.testing.assert_allclose(norms, expected, rtol=3e-2)
@@ -337,7 +337,7 @@ def test_conv_local_is_exact(x64):
   params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
   ghosts, vmap = jax.jit(lambda p: [
       f(loss_fn, p, batch, None)[2]
-      for f in (ghost_jaxpr.per_example_norms, gnvr.vmap_per_example_norms)],
+      for f in (ghost.per_example_norms, gnvr.vmap_per_example_norms)],
                          compiler_options=FAST_COMPILE)(params)
   np.testing.assert_allclose(ghosts, vmap, rtol=1e-12)
 
@@ -456,7 +456,7 @@ def test_a_layer_given_a_transformed_parameter_is_refused(name, x64):
   with pytest.raises(ghost.UnsupportedModelError, match=TRANSFORMED[name]):
     ghost_jaxpr.analyze(loss_fn, params, batch, None)
   with pytest.raises(ghost.UnsupportedModelError):
-    ghost_jaxpr.per_example_norms(loss_fn, params, batch, None)
+    ghost.per_example_norms(loss_fn, params, batch, None)
 
 
 # Linear views of a leaf: the per-example gradient is pulled back through the
@@ -471,7 +471,7 @@ def test_a_layer_given_a_linear_view_of_a_parameter_is_exact(name, rtol, x64):
   loss_fn, params, batch = rewritten(name)
   ghosts, vmap = jax.jit(lambda p: [
       f(loss_fn, p, batch, None)[2]
-      for f in (ghost_jaxpr.per_example_norms, gnvr.vmap_per_example_norms)],
+      for f in (ghost.per_example_norms, gnvr.vmap_per_example_norms)],
                          compiler_options=FAST_COMPILE)(params)
   np.testing.assert_allclose(ghosts, vmap, rtol=rtol)
 
@@ -509,6 +509,6 @@ def test_a_leaf_shared_between_layers_is_exact(name, x64):
   assert [plan.paths[site.leaf] for site in plan.sites] == SHARED[name]
   ghosts, vmap = jax.jit(lambda p: [
       f(loss_fn, p, batch, None)[2]
-      for f in (ghost_jaxpr.per_example_norms, gnvr.vmap_per_example_norms)],
+      for f in (ghost.per_example_norms, gnvr.vmap_per_example_norms)],
                          compiler_options=FAST_COMPILE)(params)
   np.testing.assert_allclose(ghosts, vmap, rtol=1e-11)

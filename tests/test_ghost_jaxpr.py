@@ -20,11 +20,11 @@ import gnp
 from gnp.penalties import ghost
 from gnp.penalties import ghost_jaxpr
 from tests.helpers import run
+from tests.test_ghost import FAST_COMPILE
+from tests.test_ghost import ghost_gnvr
 
 gnvr = importlib.import_module("gnp.penalties.gradient_norm_variance")
 clipping = importlib.import_module("gnp.penalties.clipping")
-# LLVM at -O0 compiles these small programs 3x faster; no arithmetic changes.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _draw(rng, shapes):
@@ -202,7 +202,7 @@ def norms_fn(name):
   def norms(params, batch):
     out = {"vmap": gnvr.vmap_per_example_norms(loss_fn, params, batch, None)}
     for branch in ("gram", "outer"):
-      out[branch] = ghost_jaxpr.per_example_norms(loss_fn, params, batch, None,
+      out[branch] = ghost.per_example_norms(loss_fn, params, batch, None,
                                                   branch=branch)
     return {path: result[2] for path, result in out.items()}
 
@@ -216,19 +216,6 @@ def test_norms_equal_vmap_in_both_forms(name, x64):
     for branch in ("gram", "outer"):
       np.testing.assert_allclose(norms[branch], norms["vmap"], rtol=1e-11,
                                  err_msg=branch)
-
-
-def ghost_gnvr(loss_fn, branch, **kwargs):
-  """GNVR with the jaxpr ghost norms in the given form."""
-  registry = gnvr.PER_EXAMPLE_NORMS
-  original = registry["ghost"]
-  registry["ghost"] = functools.partial(ghost_jaxpr.per_example_norms,
-                                        branch=branch)
-  try:
-    return gnp.penalties.gradient_norm_variance(loss_fn, method="ghost",
-                                                **kwargs)
-  finally:
-    registry["ghost"] = original
 
 
 # Second order is costly to compile (5-10 s a model on CPU).
@@ -273,7 +260,7 @@ def test_a_bias_folds_into_its_kernel_where_they_share_delta():
   by_leaf = {}
   for n, site in enumerate(plan.sites):
     by_leaf.setdefault(site.leaf, []).append(n)
-  folded = ghost_jaxpr._folded_biases(plan.sites, by_leaf, set(by_leaf))
+  folded = ghost._folded_biases(plan.sites, by_leaf, set(by_leaf))
   assert {plan.paths[k]: plan.paths[b] for k, b in folded.items()} == {
       "l1/kernel": "l1/bias", "head/kernel": "head/bias"}
 
@@ -292,7 +279,7 @@ def test_jit_remat_and_pullback_inside_loss_fn(x64):
 
   @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
   def both(p):
-    _, _, norms, _, pullback = ghost_jaxpr.per_example_norms_with_pullback(
+    _, _, norms, _, pullback = ghost.per_example_norms_with_pullback(
         wrapped, p, batch, None)
     jacobian = jax.jacrev(lambda q: loss_fn(q, batch, None)[0])(p)
     rows = jnp.concatenate([j.reshape(4, -1) for j in jax.tree.leaves(
@@ -311,7 +298,7 @@ def test_vmap_over_a_population(x64):
   loss_fn, _, batch = problem("jnp_mlp", 0)
   members = [problem("jnp_mlp", seed)[1] for seed in (4, 5, 6)]
   stacked = jax.tree.map(lambda *x: jnp.stack(x), *members)
-  norms = jax.jit(jax.vmap(lambda p: ghost_jaxpr.per_example_norms(
+  norms = jax.jit(jax.vmap(lambda p: ghost.per_example_norms(
       loss_fn, p, batch, None)[2]), compiler_options=FAST_COMPILE)(stacked)
   expected = jax.jit(jax.vmap(lambda p: gnvr.vmap_per_example_norms(
       loss_fn, p, batch, None)[2]), compiler_options=FAST_COMPILE)(stacked)
@@ -333,7 +320,7 @@ def test_float32_and_bfloat16_computation(name, dtype, rtol):
 
   norms, expected = jax.jit(lambda p: [
       f(low, p, batch, None)[2]
-      for f in (ghost_jaxpr.per_example_norms, gnvr.vmap_per_example_norms)],
+      for f in (ghost.per_example_norms, gnvr.vmap_per_example_norms)],
                             compiler_options=FAST_COMPILE)(params)
   assert norms.dtype == jnp.float32
   np.testing.assert_allclose(norms, expected, rtol=rtol)
@@ -426,7 +413,7 @@ def test_an_unused_parameter_and_aux_uses_are_not_refused(x64):
       for kind in ("kernel", "bias")}
   actual, expected = jax.jit(lambda t: [
       f(wrapped, t, batch, None)[2]
-      for f in (ghost_jaxpr.per_example_norms, gnvr.vmap_per_example_norms)],
+      for f in (ghost.per_example_norms, gnvr.vmap_per_example_norms)],
                              compiler_options=FAST_COMPILE)(tree)
   np.testing.assert_allclose(actual, expected, rtol=1e-12)
 
@@ -436,14 +423,13 @@ import importlib
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 jax.config.update("jax_enable_x64", True)
-from gnp.penalties import ghost_jaxpr
+from gnp.penalties import ghost
 from tests import test_ghost_jaxpr as t
 gnvr = importlib.import_module("gnp.penalties.gradient_norm_variance")
-clipping = importlib.import_module("gnp.penalties.clipping")
 mesh = Mesh(np.asarray(jax.devices()), ("data",))
 for name in ("jnp_cnn", "jnp_transformed"):
   loss_fn, params, batch = t.problem(name, 0, batch_size=8)
-  norms = lambda p, b: ghost_jaxpr.per_example_norms(loss_fn, p, b, None)[2]
+  norms = lambda p, b: ghost.per_example_norms(loss_fn, p, b, None)[2]
   expected = jax.jit(lambda p, b: gnvr.vmap_per_example_norms(
       loss_fn, p, b, None)[2])(params, batch)
   sharded = jax.device_put(batch, NamedSharding(mesh, P("data")))

@@ -66,7 +66,6 @@ import jax.numpy as jnp
 from gnp import _checks
 from gnp.penalties import _base
 from gnp.penalties import ghost
-from gnp.penalties import ghost_jaxpr
 
 # MAD × 1.4826 estimates the standard deviation of normally distributed data.
 MAD_TO_STD = 1.4826
@@ -90,7 +89,7 @@ def clip_factors(norms, tau):
 
 def _ghost(loss_fn, params, batch, key):
   """(losses [B], aux, norms [B], pullback) from one forward pass."""
-  losses, aux, norms, _, pullback = ghost_jaxpr.per_example_norms_with_pullback(
+  losses, aux, norms, _, pullback = ghost.per_example_norms_with_pullback(
       loss_fn, params, batch, key)
   return losses, aux, norms, pullback
 

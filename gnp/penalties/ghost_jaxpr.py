@@ -1,14 +1,14 @@
-"""Ghost norms for any JAX model, found in the traced loss (its jaxpr).
+"""The linear uses of the parameters in a traced loss (its jaxpr).
 
 The mathematics is `gnp.penalties.ghost`'s (Goodfellow 2015, arXiv
 1510.01799): a parameter W' used linearly as z = a W' at T positions per
 example has the per-example gradient Σ_t a_tᵀ δ_t, δ_t = ∂ℓ_i/∂z_t, whose
 squared norm is Σ_{t,t'} (a_t·a_t')(δ_t·δ_t') (Gram form) or the squared
-norm of that P×Q matrix (outer form), whichever costs less. What is new
-here is how the linear uses are found: not by intercepting `flax.linen`
-modules but in the jaxpr of ``loss_fn``, so the model may be written in
-Flax linen or NNX (``nnx.merge`` inside ``loss_fn``), Equinox or plain
-``jax.numpy``: any function of a pytree of parameters.
+norm of that P×Q matrix (outer form), whichever costs less. The linear
+uses are found in the jaxpr of ``loss_fn``, not in a library's layers, so
+the model may be written with Flax linen or NNX (``nnx.merge`` inside
+``loss_fn``), Equinox or plain ``jax.numpy``: any function of a pytree of
+parameters.
 
 `analyze` traces ``loss_fn(params, batch, key)`` to a jaxpr and follows two
 things through every equation the per-example losses depend on:
@@ -45,27 +45,8 @@ things through every equation the per-example losses depend on:
 inside; where a parameter enters one, its body is evaluated inline (under
 `remat` the ghost forward pass then keeps its activations).
 
-The norms come from one more evaluation of the same jaxpr by a small
-interpreter that records each linear use's input a and adds a zero probe to
-its output z; one backward pass of Σ_i ℓ_i gives the probes' cotangents, δ
-for every example at once (examples do not interact: that is what the first
-check above establishes). Everything is ordinary JAX: the norms are
-differentiable (GNVR's second-order gradient flows through a and δ) and
-work under ``jit``, ``vmap`` (a population of parameter sets), sharded
-batches and ``shard_map`` (there the probes vary across devices as the
-outputs they are added to do, so each device's δ are its own examples').
-
-Per parameter leaf: if its every use is a dot_general or conv with the same
-layout through a norm-preserving view (no scaling, the usual case), the
-uses' positions are concatenated and `ghost._kernel_squared_norms` takes the
-Gram or outer form by cost; a bias added straight to each such use's output
-(so that it shares its δ: the usual dense or convolution layer) joins them
-as a constant input feature 1. Otherwise (a scaled or masked kernel, a leaf
-used under two different layouts, any other bias) each use's per-example
-gradient is formed in the view's layout (outer form), pulled back to the
-leaf through the transpose of the view (a linear map), and summed over the
-uses before the norm is taken. Norms are computed in the use's dtype promoted to at
-least float32.
+`gnp.penalties.ghost` evaluates the jaxpr with the linear uses found here
+(`Plan`) and computes the norms.
 """
 
 from __future__ import annotations
@@ -73,17 +54,20 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 
+from gnp import errors
 from gnp.penalties import _base
-from gnp.penalties import ghost
 
-UnsupportedModelError = ghost.UnsupportedModelError
+
+class UnsupportedModelError(errors.UserError, ValueError):
+  """The ghost path cannot compute this model's per-example norms exactly."""
+
 
 # Primitives that map each position of their output to the same position of
 # their operands (operands of rank 0 or with size-1 axes broadcast).
@@ -115,7 +99,7 @@ _CALLS = frozenset("jit pjit closed_call core_call remat2 checkpoint".split())
 # examples, refused where a parameter enters (inlining would drop the rule).
 _CUSTOM = frozenset(
     "custom_jvp_call custom_vjp_call custom_vjp_call_jaxpr".split())
-# Views of a parameter: linear maps of it, which `_pull_back` transposes.
+# Views of a parameter: linear maps of it, which `ghost` transposes.
 _VIEWS = frozenset(
     "convert_element_type reshape transpose squeeze broadcast_in_dim neg mul "
     "div".split())
@@ -171,6 +155,14 @@ class Plan:
   paths: tuple[str, ...]  # the parameter leaves' paths
 
 
+def _leaf_paths(params) -> list[str]:
+  """'a/b/c' for each leaf of `params`, in `jax.tree.leaves` order."""
+  return [
+      jax.tree_util.keystr(path, simple=True, separator="/")
+      for path, _ in jax.tree.leaves_with_path(params)
+  ]
+
+
 def _where(eqn) -> str:
   try:  # The user's source line, where this JAX can tell.
     from jax._src import source_info_util  # pylint: disable=g-import-not-at-top
@@ -186,7 +178,7 @@ def _describe(eqn) -> str:
   return f"{eqn.primitive.name}({ins}){_where(eqn)}"
 
 
-def _sub_jaxpr(eqn):
+def sub_jaxpr(eqn):
   """(Jaxpr, consts) of a call equation's one sub-jaxpr."""
   subs = [v for v in eqn.params.values()
           if isinstance(v, (jex.ClosedJaxpr, jex.Jaxpr))]
@@ -287,10 +279,15 @@ class _Analysis:
       return self.call(eqn, ins, path, live)
     if params:
       return [self.param_use(eqn, ins, path)]
-    return self.batch_rule(eqn, ins)
+    try:
+      return self.batch_rule(eqn, ins)
+    except (AttributeError, IndexError, KeyError, TypeError) as e:
+      # Parameters laid out otherwise than this JAX's: unknown, not a crash,
+      # so that method="auto" still has its vmap path.
+      self.refuse_unknown(eqn, f" ({type(e).__name__}: {e})")
 
   def call(self, eqn, ins, path, live):
-    sub = _sub_jaxpr(eqn)
+    sub = sub_jaxpr(eqn)
     name = eqn.primitive.name
     params = [s for s in ins if isinstance(s, _Param)]
     if sub is None or len(sub[0].invars) != len(ins):
@@ -418,7 +415,7 @@ class _Analysis:
         self.uses[z_in] != 1  # else its δ is not the bias's
         or param.expanded is not None or w_aval.ndim != z_aval.ndim
         or [w_aval.shape[d] != 1 for d in range(z_aval.ndim)]
-        != [d in _feature_axes(self.sites[follows])
+        != [d in feature_axes(self.sites[follows])
             for d in range(z_aval.ndim)]):
       follows = None
     self.sites.append(Site(
@@ -614,7 +611,7 @@ def analyze(loss_fn: _base.LossFn, params, batch, key) -> Plan:
   in_states = ([_Param(i, (), True) for i in range(num_params)]
                + [0] * num_batch)
   in_states += [None] * (len(closed.jaxpr.invars) - len(in_states))
-  paths = ghost._leaf_paths(params)  # pylint: disable=protected-access
+  paths = _leaf_paths(params)
   analysis = _Analysis(paths, size)
   live_out = [False] * len(closed.jaxpr.outvars)
   live_out[0] = True
@@ -632,104 +629,7 @@ def analyze(loss_fn: _base.LossFn, params, batch, key) -> Plan:
               tuple(analysis.paths))
 
 
-# Evaluation ---------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Chain:
-  """A parameter's view as a function of the leaf (casts left out, so it
-  runs in any float dtype), and the broadcast that follows it, if any."""
-
-  fn: Callable
-  expand: tuple | None = None  # (shape, broadcast_dimensions)
-
-
-def _bind(eqn, invals):
-  bound = eqn.primitive.get_bind_params(eqn.params)
-  # Older JAX returns (subfuns, params), newer the params alone.
-  subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
-  with eqn.ctx.manager:
-    outs = eqn.primitive.bind(*subfuns, *invals, **params)
-  return outs if eqn.primitive.multiple_results else [outs]
-
-
-def _extend(chain: _Chain, eqn, invals, k, kind) -> _Chain:
-  """The chain of the view that `eqn` (a `_VIEWS` primitive) makes of it."""
-  if kind == "cast":
-    return chain
-  if kind == "expand":
-    return _Chain(chain.fn, (eqn.params["shape"],
-                             eqn.params["broadcast_dimensions"]))
-  others = list(invals)
-
-  def fn(leaf):
-    args = [jnp.asarray(x, leaf.dtype) if j != k else chain.fn(leaf)
-            for j, x in enumerate(others)]
-    # Under shard_map the leaf may vary across devices where the parameter
-    # did not (a per-example gradient does).
-    axes = frozenset().union(*(_varying_axes(jax.typeof(a)) for a in args))
-    return _bind(eqn, [_vary(a, axes) for a in args])[0]
-
-  return _Chain(fn)
-
-
-class _Interpreter:
-  """Evaluates a `Plan`'s jaxpr with probes added at its sites."""
-
-  def __init__(self, plan: Plan, probes):
-    self.plan = plan
-    self.sites = {site.path: (n, site) for n, site in enumerate(plan.sites)}
-    self.probes = probes
-    self.inputs = [None] * len(plan.sites)  # a for "dot" / "conv"
-    self.chains = [None] * len(plan.sites)
-
-  def run(self, jaxpr, consts, args, chains, prefix=()):
-    env, chain_of = {}, {}
-    for v, x in zip(jaxpr.constvars, consts):
-      env[v] = x
-    for v, x, c in zip(jaxpr.invars, args, chains):
-      env[v] = x
-      if c is not None:
-        chain_of[v] = c
-    read = lambda v: v.val if isinstance(v, jex.Literal) else env[v]
-    for i, eqn in enumerate(jaxpr.eqns):
-      path = prefix + (i,)
-      invals = [read(v) for v in eqn.invars]
-      in_chains = [chain_of.get(v) if isinstance(v, jex.Var) else None
-                   for v in eqn.invars]
-      out_chains = [None] * len(eqn.outvars)
-      if path in self.plan.inline:
-        sub, sub_consts = _sub_jaxpr(eqn)
-        outs, out_chains = self.run(sub, sub_consts, invals, in_chains, path)
-      elif path in self.sites:
-        n, site = self.sites[path]
-        outs = _bind(eqn, invals)
-        outs = [outs[0] + self.probes[n]]
-        self.chains[n] = in_chains[site.operand]
-        if site.kind != "bias":
-          self.inputs[n] = invals[1 - site.operand]
-      else:
-        outs = _bind(eqn, invals)
-        kind = self.plan.views.get(path)
-        if kind == "identity":
-          out_chains = in_chains
-        elif kind is not None:
-          k = next(j for j, c in enumerate(in_chains) if c is not None)
-          out_chains = [_extend(in_chains[k], eqn, invals, k, kind)]
-      for v, x, c in zip(eqn.outvars, outs, out_chains):
-        if isinstance(v, jex.Var) and not isinstance(v, jex.DropVar):
-          env[v] = x
-          if c is not None:
-            chain_of[v] = c
-    return ([read(v) for v in jaxpr.outvars],
-            [chain_of.get(v) if isinstance(v, jex.Var) else None
-             for v in jaxpr.outvars])
-
-
-# Per-example gradients ----------------------------------------------------
-
-
-def _dot_layout(site: Site):
+def dot_layout(site: Site):
   """For a dot site: the parameter's (batch, contracting, free) dims and the
   other operand's (contracting, batch, free) dims, paired in order."""
   (lc, rc), (lb, rb) = site.eqn.params["dimension_numbers"]
@@ -746,10 +646,10 @@ def _dot_layout(site: Site):
           list(x_contract), list(x_batch), x_free)
 
 
-def _dot_out_axes(site: Site):
+def dot_out_axes(site: Site):
   """z's axes of a dot site: (its batch dimensions, the parameter's free
   dimensions, the other operand's free dimensions), in z's order."""
-  w_batch, _, w_free, _, _, x_free = _dot_layout(site)
+  w_batch, _, w_free, _, _, x_free = dot_layout(site)
   # z's axes: the batch dimensions, then lhs free, then rhs free.
   start = len(w_batch)
   w_axes = list(range(start, start + len(w_free)))
@@ -761,249 +661,9 @@ def _dot_out_axes(site: Site):
   return list(range(start)), w_axes, x_axes
 
 
-def _feature_axes(site: Site) -> set:
+def feature_axes(site: Site) -> set:
   """The axes of a dot/conv site's output that are its rows' (G, Q)."""
   if site.kind == "conv":
     return {site.eqn.params["dimension_numbers"][2][1]}
-  groups, features, _ = _dot_out_axes(site)
+  groups, features, _ = dot_out_axes(site)
   return {*groups, *features}
-
-
-def _dot_rows(site: Site, x, delta):
-  """(A [B, T, G, P], D [B, T, G, Q]) of a dot_general site."""
-  _, _, _, x_contract, x_batch, x_free = _dot_layout(site)
-  size = x.shape[site.batch_axis]
-  positions = [d for d in x_free if d != site.batch_axis]
-  groups = math.prod(x.shape[d] for d in x_batch)
-  a = jnp.transpose(x, (site.batch_axis, *positions, *x_batch, *x_contract))
-  a = a.reshape(size, -1, groups, math.prod(x.shape[d] for d in x_contract))
-  z_groups, w_axes, x_axes = _dot_out_axes(site)
-  z_batch = x_axes[x_free.index(site.batch_axis)]
-  z_positions = [x_axes[j] for j, d in enumerate(x_free)
-                 if d != site.batch_axis]
-  d = jnp.transpose(delta, (z_batch, *z_positions, *z_groups, *w_axes))
-  return a, d.reshape(size, a.shape[1], groups, -1)
-
-
-def _conv_rows(site: Site, x, delta):
-  """(A [B, T, G, P], D [B, T, G, Q]) of a conv_general_dilated site, P
-  ordered (input channel within the group, kernel offset)."""
-  p = site.eqn.params
-  lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
-  spatial = len(lhs_spec) - 2
-  w_shape = site.eqn.invars[1].aval.shape
-  kernel_size = tuple(w_shape[d] for d in rhs_spec[2:])
-  window = math.prod(kernel_size)
-  x = jnp.transpose(x, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))
-  size, channels = x.shape[0], x.shape[-1]
-  # Patches by an identity kernel: channel c·K + j of the result is input
-  # channel c at kernel offset j.
-  eye = jnp.eye(window, dtype=x.dtype).reshape(kernel_size + (1, window))
-  identity = jnp.tile(eye, (1,) * (spatial + 1) + (channels,))
-  last = spatial + 1
-  a = jax.lax.conv_general_dilated(
-      x, identity, window_strides=p["window_strides"], padding=p["padding"],
-      lhs_dilation=p["lhs_dilation"], rhs_dilation=p["rhs_dilation"],
-      dimension_numbers=jax.lax.ConvDimensionNumbers(
-          (0, last, *range(1, last)), (last, spatial, *range(spatial)),
-          (0, last, *range(1, last))),
-      feature_group_count=channels, precision=jax.lax.Precision.HIGHEST)
-  groups = p["feature_group_count"]
-  a = a.reshape(size, -1, groups, a.shape[-1] // groups)
-  d = jnp.transpose(delta, (out_spec[0], *out_spec[2:], out_spec[1]))
-  return a, d.reshape(size, a.shape[1], groups, -1)
-
-
-def _rows(site: Site, x, delta, dtype):
-  rows = _dot_rows if site.kind == "dot" else _conv_rows
-  return rows(site, x.astype(dtype), delta.astype(dtype))
-
-
-def _view_grads(site: Site, a, d):
-  """Per-example gradients [B, *W'.shape] in the layout of the view W' that
-  the site uses, from its rows (outer form)."""
-  grad = jnp.einsum("btgp,btgq->bgpq", a, d)
-  w_shape = site.eqn.invars[site.operand].aval.shape
-  size = grad.shape[0]
-  if site.kind == "dot":
-    w_batch, w_contract, w_free, *_ = _dot_layout(site)
-    order = [*w_batch, *w_contract, *w_free]
-    grad = grad.reshape(size, *(w_shape[j] for j in order))
-  else:
-    rhs_spec = site.eqn.params["dimension_numbers"][1]
-    kernel_size = [w_shape[j] for j in rhs_spec[2:]]
-    spatial = len(kernel_size)
-    groups, _, q = grad.shape[1], grad.shape[2], grad.shape[3]
-    grad = grad.reshape(size, groups, -1, *kernel_size, q)
-    grad = jnp.transpose(grad, (0, *range(3, 3 + spatial), 2, 1, 3 + spatial))
-    grad = grad.reshape(size, *kernel_size, -1, groups * q)
-    order = [*rhs_spec[2:], rhs_spec[1], rhs_spec[0]]
-  return jnp.transpose(grad, (0, *(1 + order.index(j)
-                                   for j in range(len(w_shape)))))
-
-
-def _bias_view_grads(site: Site, delta, dtype):
-  """[B, *w1] per-example gradients of a bias site's operand w, with w1 its
-  shape with the examples' axis set to 1 (the axis stays, holding B)."""
-  z_shape = site.out_aval.shape
-  w_aval = site.eqn.invars[site.operand].aval
-  w1 = list(w_aval.shape) if w_aval.ndim else [1] * len(z_shape)
-  w1[site.batch_axis] = 1
-  axes = tuple(j for j in range(len(z_shape)) if j != site.batch_axis
-               and w1[j] == 1 and z_shape[j] != 1)
-  return jnp.sum(delta.astype(dtype), axis=axes, keepdims=True), tuple(w1)
-
-
-def _pull_back(chain: _Chain, grads, leaf_shape, dtype, batch_axis=0,
-               w1=None):
-  """The per-example gradients [B, *leaf_shape] of the leaf from those of
-  its view (examples on `batch_axis`), through the view's transpose."""
-
-  def view(leaf):
-    w = chain.fn(leaf)
-    if chain.expand is not None:
-      shape, dims = chain.expand
-      shape = list(shape)
-      shape[batch_axis] = 1
-      w = jax.lax.broadcast_in_dim(w, shape, dims)
-    return w.reshape(w1) if w1 is not None else w
-
-  leaf = _vary(jnp.zeros(leaf_shape, dtype), _varying_axes(jax.typeof(grads)))
-  _, pullback = jax.vjp(view, leaf)
-  if w1 is None:
-    return jax.vmap(lambda g: pullback(g)[0])(grads)
-  return jax.vmap(lambda g: pullback(jnp.expand_dims(g, batch_axis))[0],
-                  in_axes=batch_axis)(grads)
-
-
-def _varying_axes(aval) -> frozenset:
-  """The shard_map mesh axes along which values of type `aval` vary."""
-  manual = getattr(aval, "manual_axis_type", None)  # Since JAX 0.9; vma before.
-  return frozenset(manual.varying if manual is not None
-                   else getattr(aval, "vma", ()))
-
-
-def _vary(x, axes):
-  """`x`, cast to vary along `axes` too (a no-op outside shard_map)."""
-  missing = tuple(sorted(axes - _varying_axes(jax.typeof(x))))
-  if not missing:
-    return x
-  if hasattr(jax.lax, "pcast"):
-    return jax.lax.pcast(x, missing, to="varying")
-  return jax.lax.pvary(x, missing)
-
-
-def _folded_biases(sites, by_leaf, fast) -> dict[int, int]:
-  """kernel leaf -> bias leaf, where the bias leaf's every use is added to
-  the output of one of the kernel leaf's uses, one bias use each, so its
-  per-example gradient folds into the kernel's rows as a feature 1 (the
-  usual dense or convolution layer: one fewer reduction per layer)."""
-  folded = {}
-  for leaf, ns in by_leaf.items():
-    follows = [sites[n].follows for n in ns]
-    if (all(sites[n].kind == "bias" and sites[n].preserving for n in ns)
-        and None not in follows):
-      kernel = sites[follows[0]].leaf
-      if kernel in fast and sorted(follows) == by_leaf[kernel]:
-        folded[kernel] = leaf
-  return folded
-
-
-def _zeros_like(aval):
-  """Zeros of `aval`'s type. Under shard_map a probe varies across devices
-  as its site's output does: an invariant probe's cotangent would be summed
-  over the devices' examples."""
-  return _vary(jnp.zeros(aval.shape, aval.dtype), _varying_axes(aval))
-
-
-def per_example_norms_with_pullback(
-    loss_fn: _base.LossFn,
-    params,
-    batch,
-    key,
-    *,
-    branch: ghost.Branch = "auto",
-    plan: Plan | None = None,
-):
-  """`ghost.per_example_norms_with_pullback` for any model, by `analyze`.
-
-  Returns ([B] per-example losses, aux, [B] norms, ∇Σ_i ℓ_i(θ), pullback),
-  ``pullback(w)`` being ∇_θ Σ_i w_i ℓ_i(θ) through the same forward pass.
-
-  Raises:
-    UnsupportedModelError: see `analyze`.
-  """
-  if branch not in ghost.BRANCHES:
-    raise ValueError(
-        f"unknown branch={branch!r}; choose one of {ghost.BRANCHES}.")
-  if plan is None:
-    plan = analyze(loss_fn, params, batch, key)
-  leaves, treedef = jax.tree.flatten(params)
-  data = jax.tree.leaves(batch) + jax.tree.leaves(key)
-  interpreter = None
-
-  def forward(p, probes):
-    nonlocal interpreter
-    interpreter = _Interpreter(plan, probes)
-    outs, _ = interpreter.run(plan.jaxpr.jaxpr, plan.jaxpr.consts, p + data,
-                              [_Chain(lambda w: w) for _ in p]
-                              + [None] * len(data))
-    losses, aux = jax.tree.unflatten(plan.out_tree, outs)
-    return losses, (aux, interpreter.inputs)
-
-  probes = [_zeros_like(site.out_aval) for site in plan.sites]
-  losses, backward, (aux, inputs) = jax.vjp(forward, leaves, probes,
-                                            has_aux=True)
-  # One backward pass of Σ_i ℓ_i: the probes' cotangents are every example's
-  # δ, the parameters' the summed gradient.
-  summed_leaves, deltas = backward(jnp.ones_like(losses))
-  chains = interpreter.chains
-  norm_dtype = jnp.promote_types(losses.dtype, jnp.float32)
-  squared = jnp.zeros(losses.shape, norm_dtype)
-  by_leaf: dict[int, list[int]] = {}
-  for n, site in enumerate(plan.sites):
-    by_leaf.setdefault(site.leaf, []).append(n)
-  fast = {leaf for leaf, ns in by_leaf.items()
-          if all(plan.sites[n].kind != "bias" and plan.sites[n].preserving
-                 for n in ns)
-          and len({plan.sites[n].signature for n in ns}) == 1}
-  folded = _folded_biases(plan.sites, by_leaf, fast)
-  for leaf, ns in by_leaf.items():
-    if leaf in folded.values():
-      continue  # Added with its kernel's.
-    sites = [plan.sites[n] for n in ns]
-    dtype = jnp.promote_types(
-        jnp.result_type(*(s.out_aval.dtype for s in sites)), jnp.float32)
-    if leaf in fast:
-      rows = [_rows(s, inputs[n], deltas[n], dtype) for n, s in zip(ns, sites)]
-      squared += ghost._kernel_squared_norms(  # pylint: disable=W0212
-          rows, branch, leaf in folded).astype(norm_dtype)
-      continue
-    grad = 0
-    for n, site in zip(ns, sites):
-      if site.kind == "bias":
-        g, w1 = _bias_view_grads(site, deltas[n], dtype)
-        grad += _pull_back(chains[n], g, jnp.shape(leaves[leaf]), dtype,
-                           site.batch_axis, w1)
-      else:
-        g = _view_grads(site, *_rows(site, inputs[n], deltas[n], dtype))
-        grad += _pull_back(chains[n], g, jnp.shape(leaves[leaf]), dtype)
-    squared += jnp.sum(jnp.reshape(grad, (grad.shape[0], -1)) ** 2,
-                       axis=1).astype(norm_dtype)
-  pullback = lambda weights: treedef.unflatten(backward(weights)[0])
-  return (losses, aux, _base.safe_sqrt(squared), treedef.unflatten(
-      summed_leaves), pullback)
-
-
-def per_example_norms(loss_fn: _base.LossFn, params, batch, key, *,
-                      branch: ghost.Branch = "auto", plan: Plan | None = None):
-  """‖∇ℓ_i(θ)‖ for every example i by ghost norms; differentiable in params.
-
-  As `ghost.per_example_norms`, for any model `analyze` accepts. Returns
-  (mean loss L(θ), aux of the batched call, [B] norms, ∇L(θ)).
-  """
-  losses, aux, norms, summed_grad, _ = per_example_norms_with_pullback(
-      loss_fn, params, batch, key, branch=branch, plan=plan)
-  size = losses.shape[0]
-  return (jnp.mean(losses), aux, norms,
-          jax.tree.map(lambda g: g / size, summed_grad))

@@ -17,8 +17,8 @@ Per-example norms, by ``method``:
   (batch normalisation in training mode) see a batch of one there, so
   "per-example gradient" means the gradient of that one-example loss.
 * ``"ghost"``: ghost norms (`gnp.penalties.ghost` has the mathematics,
-  `gnp.penalties.ghost_jaxpr` the mechanism): from the inputs and output
-  cotangents of each linear use of a parameter (a dense layer, a
+  `gnp.penalties.ghost_jaxpr` how the uses are found): from the inputs and
+  output cotangents of each linear use of a parameter (a dense layer, a
   convolution, an additive bias) found in the jaxpr of ``loss_fn``, which
   runs once on the whole batch; no per-example gradient of the whole model
   is formed. Any JAX model (Flax linen or NNX, Equinox, plain
@@ -52,7 +52,6 @@ from optax import tree_utils as otu
 from gnp import _checks
 from gnp.penalties import _base
 from gnp.penalties import ghost
-from gnp.penalties import ghost_jaxpr
 
 
 def vmap_per_example_norms(loss_fn: _base.LossFn, params, batch, key):
@@ -82,7 +81,7 @@ def vmap_per_example_norms(loss_fn: _base.LossFn, params, batch, key):
 def auto_per_example_norms(loss_fn: _base.LossFn, params, batch, key):
   """Ghost norms where the ghost path accepts the model, else vmap."""
   try:
-    return ghost_jaxpr.per_example_norms(loss_fn, params, batch, key)
+    return ghost.per_example_norms(loss_fn, params, batch, key)
   except ghost.UnsupportedModelError as e:
     # Logged once per trace: the vmap path can cost tens of plain steps.
     logging.getLogger(__name__).warning(
@@ -94,7 +93,7 @@ def auto_per_example_norms(loss_fn: _base.LossFn, params, batch, key):
 #   -> (mean loss, aux, per-example norms [B], mean gradient)
 PER_EXAMPLE_NORMS: dict[str, Callable] = {
     "auto": auto_per_example_norms,
-    "ghost": ghost_jaxpr.per_example_norms,
+    "ghost": ghost.per_example_norms,
     "vmap": vmap_per_example_norms,
 }
 
