@@ -199,7 +199,7 @@ class _Interpreter:
           k = next(j for j, c in enumerate(in_chains) if c is not None)
           out_chains = [_extend(in_chains[k], eqn, invals, k, kind)]
       for v, x, c in zip(eqn.outvars, outs, out_chains):
-        if isinstance(v, jex.Var) and not isinstance(v, jex.DropVar):
+        if isinstance(v, jex.Var):  # A dropped output is never read.
           env[v] = x
           if c is not None:
             chain_of[v] = c
