@@ -364,13 +364,13 @@ def per_example_norms_with_pullback(
     branch: Branch = "auto",
     plan: ghost_jaxpr.Plan | None = None,
 ):
-  """`ghost.per_example_norms_with_pullback` for any model, by `analyze`.
+  """`per_example_norms`, and the forward pass's pullback for reuse.
 
   Returns ([B] per-example losses, aux, [B] norms, ∇Σ_i ℓ_i(θ), pullback),
-  ``pullback(w)`` being ∇_θ Σ_i w_i ℓ_i(θ) through the same forward pass.
-
-  Raises:
-    UnsupportedModelError: see `analyze`.
+  where ``pullback(w)`` with ``w`` of shape [B] is ∇_θ Σ_i w_i ℓ_i(θ): one
+  more backward pass through the forward pass already made (per-example
+  clipping weights each example by its clip factor this way). Arguments and
+  errors as `per_example_norms`.
   """
   if branch not in BRANCHES:
     raise ValueError(
@@ -439,8 +439,25 @@ def per_example_norms(loss_fn: _base.LossFn, params, batch, key, *,
                       plan: ghost_jaxpr.Plan | None = None):
   """‖∇ℓ_i(θ)‖ for every example i by ghost norms; differentiable in params.
 
-  As `ghost.per_example_norms`, for any model `analyze` accepts. Returns
-  (mean loss L(θ), aux of the batched call, [B] norms, ∇L(θ)).
+  Args:
+    loss_fn: ``loss_fn(params, batch, key) -> (losses, aux)``, any JAX
+      function (Flax linen or NNX, Equinox, plain ``jax.numpy``); it is
+      traced once by `ghost_jaxpr.analyze` and evaluated once, on the whole
+      batch, with ``key``.
+    params: the parameters θ, any pytree.
+    batch: the batch; every leaf has the B examples along its leading axis.
+    key: passed to ``loss_fn`` unchanged.
+    branch: ``"auto"`` picks the Gram or the outer form per kernel by cost;
+      ``"gram"`` or ``"outer"`` force one (a scaled or masked kernel, or one
+      used under two layouts, is always outer).
+    plan: the result of `ghost_jaxpr.analyze` when the caller has it.
+
+  Returns:
+    (mean loss L(θ), aux of that batched call, [B] norms, ∇L(θ)).
+
+  Raises:
+    UnsupportedModelError: see `ghost_jaxpr.analyze`; it names the
+      parameter and the primitive the ghost path cannot account for.
   """
   losses, aux, norms, summed_grad, _ = per_example_norms_with_pullback(
       loss_fn, params, batch, key, branch=branch, plan=plan)
