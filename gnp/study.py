@@ -9,8 +9,9 @@ The protocol every experiment of this field follows, as one command:
    space; each is trained for ``tuning.num_epochs`` with the study's seed and
    scored by ``objective`` (e.g. ``validation/accuracy``) at its last epoch,
    on the validation split held out of the training data — never the test
-   set. Trials are asked ``tuning.trials_at_once`` at a time and trained as
-   one vmapped population (`gnp.population`).
+   set. ``tuning.trials_at_once`` trials train at once as one vmapped
+   population (`gnp.population`), and as one ends (or the pruner stops it)
+   its row takes the next trial, asked with every result so far known.
 2. **Retrain.** The best setting of each arm is trained for
    ``final.num_epochs`` with ``final.num_seeds`` fresh seeds (the study's
    seed + 1, + 2, ...), again vmapped; every arm sees the same seeds, so arms
@@ -84,6 +85,7 @@ from gnp.study_config import distribution
 from gnp.study_config import final_seeds
 from gnp.study_config import load_config
 from gnp.study_config import pruner
+from gnp.study_config import rungs
 from gnp.study_config import sample_point
 from gnp.study_config import smoke
 from gnp.study_config import tuning_seed
@@ -235,11 +237,14 @@ def tune(study, spec, workdir: str, dataset_of,
     probes.append(probe)
   distributions = {k: distribution(spec.name, k, v)
                    for k, v in config_lib.flatten(spec.search).items()}
+  # Trials finished by replicate, counted here: reading them back from the
+  # database costs more the more there are.
+  finished = [len(_finished(probe.trials)) for probe in probes]
   asking = {}  # Replicate -> (trials finished, the Optuna study asked).
 
   def ask(r):
     """Replicate r's next trial, from a sampler seeded by its results."""
-    done = len(_finished(probes[r].trials))
+    done = finished[r]
     if asking.get(r, (None,))[0] != done:
       probes[r] = _optuna_study(study, spec, storage, done, r)
       asking[r] = (done, probes[r])
@@ -248,19 +253,25 @@ def tune(study, spec, workdir: str, dataset_of,
                         num_epochs=study.tuning.num_epochs, replicate=r)
     return (r, probes[r], trial), config
 
+  def tell(token, history, seconds):
+    outcome = _tell(study, token, history, seconds)
+    r, _, trial = token
+    finished[r] += 1
+    logging.info("%s: trial %d %s; %d/%d finished", replicate_name(spec, r),
+                 trial.number, outcome, finished[r], study.tuning.num_trials)
+
   if study.vectorize and _streamable(study, spec):
     by_data = collections.defaultdict(list)
     for r in replicates:
       by_data[id(dataset_of(r))].append(r)
     for group in by_data.values():
-      _tune_stream(study, spec, group, probes, ask, dataset_of(group[0]),
-                   populations)
+      _tune_stream(study, spec, group, finished, ask, tell,
+                   dataset_of(group[0]), populations)
     return probes
   while True:
     asked = []  # ((replicate, its Optuna study, trial), config)
     for r in replicates:
-      remaining = (study.tuning.num_trials
-                   - len(_finished(probes[r].trials)))
+      remaining = study.tuning.num_trials - finished[r]
       asked += [ask(r) for _ in range(min(remaining,
                                           study.tuning.trials_at_once))]
     if not asked:
@@ -279,7 +290,7 @@ def tune(study, spec, workdir: str, dataset_of,
                        should_stop if study.tuning.pruner != "none" else None)
     seconds = (time.perf_counter() - started) / len(asked)
     for (token, _), history in zip(asked, histories):
-      _tell(study, spec, probes, token, history, seconds)
+      tell(token, history, seconds)
 
 
 def _streamable(study, spec) -> bool:
@@ -299,15 +310,18 @@ def _streamable(study, spec) -> bool:
   return True
 
 
-def _tune_stream(study, spec, group, probes, ask, dataset, populations):
-  """The trials of replicates ``group`` (one dataset) as one stream."""
+def _tune_stream(study, spec, group, finished, ask, tell, dataset,
+                 populations):
+  """The trials of replicates ``group`` (one dataset) as one stream;
+  ``finished[r]`` counts replicate r's finished trials, which ``ask(r)``
+  and ``tell`` (`tune`'s) add to."""
   per = study.tuning.trials_at_once
   running = {}  # (replicate, trial number) -> what `ask` gave.
   seconds = collections.defaultdict(float)  # Its share of the wall time.
 
   def source(row):
     r = group[row // per]
-    remaining = (study.tuning.num_trials - len(_finished(probes[r].trials))
+    remaining = (study.tuning.num_trials - finished[r]
                  - sum(key[0] == r for key in running))
     if remaining <= 0:
       return None
@@ -330,8 +344,7 @@ def _tune_stream(study, spec, group, probes, ask, dataset, populations):
             if _should_prune(study, running[key][2], len(history["epoch"]),
                              history)]
 
-  if all(len(_finished(probes[r].trials)) >= study.tuning.num_trials
-         for r in group):
+  if all(finished[r] >= study.tuning.num_trials for r in group):
     return
   # A config of the arm's structure, which every trial shares.
   first = arm_config(study, spec, sample_point(spec),
@@ -344,19 +357,25 @@ def _tune_stream(study, spec, group, probes, ask, dataset, populations):
   runs = populations[structure].stream(source, slots=per * len(group),
                                        stop=stop, splits=("validation",))
   for key, history, _ in runs:
-    _tell(study, spec, probes, running.pop(key), history, seconds.pop(key))
+    tell(running.pop(key), history, seconds.pop(key))
 
 
 def _should_prune(study, trial, epoch, history) -> bool:
-  """Reports the trial's objective at ``epoch``; whether the pruner stops
-  it. A trial that trained to the end is complete, whatever its rung."""
+  """Whether the pruner stops the trial after ``epoch``. At its rungs
+  (`study_config.rungs`) the trial reports its objective and the pruner
+  decides; elsewhere it would prune nothing, and each report and decision
+  is a round trip to the database (~25 ms here). A trial that trained to
+  the end is complete, whatever its rung."""
+  if epoch not in rungs(study):
+    return False
   trial.report(history[study.objective][-1], epoch)
-  return epoch < study.tuning.num_epochs and trial.should_prune()
+  return trial.should_prune()
 
 
-def _tell(study, spec, probes, token, history, seconds) -> None:
-  """Tells Optuna how ``token``'s trial ended: complete, pruned or failed."""
-  r, optuna_study, t = token
+def _tell(study, token, history, seconds) -> str:
+  """Tells Optuna how ``token``'s trial ended: complete, pruned or failed;
+  returns which, for the log."""
+  _, optuna_study, t = token
   diverged = history.pop("diverged", None)
   history.pop("diverged_epoch", None)
   pruned = history.pop("stopped_epoch", None)
@@ -365,15 +384,13 @@ def _tell(study, spec, probes, token, history, seconds) -> None:
   value = (history.get(study.objective) or [math.nan])[-1]
   if pruned is not None and diverged is None:
     optuna_study.tell(t, state=optuna.trial.TrialState.PRUNED)
-  elif math.isfinite(value) and diverged is None:
+    return f"pruned after epoch {pruned} ({value:.4f})"
+  if math.isfinite(value) and diverged is None:
     optuna_study.tell(t, value)
-  else:
-    t.set_user_attr("diverged", diverged or "non-finite objective")
-    optuna_study.tell(t, state=optuna.trial.TrialState.FAIL)
-  best = _best(probes[r])
-  logging.info("%s: %d/%d trials, best %s = %s", replicate_name(spec, r),
-               len(_finished(probes[r].trials)), study.tuning.num_trials,
-               study.objective, best and f"{best.value:.4f} {best.params}")
+    return f"complete: {value:.4f}"
+  t.set_user_attr("diverged", diverged or "non-finite objective")
+  optuna_study.tell(t, state=optuna.trial.TrialState.FAIL)
+  return "failed: " + (diverged or "non-finite objective")
 
 
 def _best(optuna_study):

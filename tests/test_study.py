@@ -421,3 +421,20 @@ def test_a_streamed_study_equals_one_trained_in_batches(tmp_path, monkeypatch):
     np.testing.assert_allclose(a["value"], b["value"], rtol=1e-5)
     np.testing.assert_allclose(a["history"]["train/cross_entropy"],
                                b["history"]["train/cross_entropy"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("settings,expected", [
+    ({"tuning.pruner": "halving"}, {5, 15}),  # 30 epochs, 5 · 3^k.
+    ({"tuning.pruner": "halving", "tuning.num_epochs": 45}, {5, 15}),
+    ({"tuning.pruner": "halving", "tuning.num_epochs": 46}, {5, 15, 45}),
+    ({"tuning.pruner": "halving", "tuning.pruner_min_epochs": 1,
+      "tuning.pruner_factor": 2, "tuning.num_epochs": 4}, {1, 2}),
+    ({"tuning.pruner": "none"}, set()),
+])
+def test_trials_report_only_where_the_pruner_decides(settings, expected):
+  config = study.default_study()
+  config.tuning.num_epochs = 30
+  for key, value in settings.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  assert study.rungs(config) == expected
