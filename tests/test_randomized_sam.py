@@ -92,7 +92,7 @@ def test_each_branch_equals_the_hand_computation(sam_step, x64):
 
 def test_the_coin_is_an_independent_bernoulli_draw():
   loss_fn, params, batch = tiny_problem(0)
-  p, n = 0.2, 2000
+  p, n = 0.2, 1000
   grad_fn = gnp.penalties.sam(loss_fn, rho=0.1, probability=p)
   keys = jax.random.split(jax.random.key(7), n)
   # Under vmap the conditional becomes a select: both branches run, and
@@ -119,7 +119,7 @@ def test_the_coin_does_not_reuse_the_keys_other_draws():
   assert 0.3 < np.mean(salted == unsalted) < 0.7
 
 
-@pytest.mark.parametrize("options", [{}, {"group_size": 4},
+@pytest.mark.parametrize("options", [{"group_size": 4},
                                      {"adaptive": True, "eta": 0.05}])
 def test_probability_one_is_sam_bitwise(options):
   loss_fn, params, batch = tiny_problem(1)
@@ -175,8 +175,8 @@ def test_zero_gradient_gives_a_finite_zero_update(sam_step):
 def test_the_default_has_no_coin():
   loss_fn, params, batch = tiny_problem(0)
   grad_fn = gnp.penalties.sam(loss_fn, rho=0.1)
-  _, _, stats = grad_fn.with_stats(params, batch, None)  # No key needed.
-  assert "sam_step" not in stats
+  _, _, stats = jax.eval_shape(grad_fn.with_stats, params, batch, None)
+  assert "sam_step" not in stats  # And no key was needed.
   assert "cond" not in str(jax.make_jaxpr(grad_fn)(params, batch, None))
 
 
