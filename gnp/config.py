@@ -86,6 +86,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.sam.group_size = config_dict.placeholder(int)  # m-sharpness; None = batch.
   c.sam.adaptive = False  # ASAM: ε = ρ T²g/‖Tg‖, T = |θ| + eta.
   c.sam.eta = 0.01  # η, T's floor; only with adaptive.
+  # RST (Zhao et al., 2022): each step is a SAM step with this probability
+  # and a plain step otherwise; expected cost 1 + p (SAM/plain − 1) plain
+  # steps. None = SAM on every step.
+  c.sam.probability = config_dict.placeholder(float)
   c.gnvr = ml_collections.ConfigDict()
   c.gnvr.lam = 0.01  # λ: weight of the per-example gradient-norm variance.
   c.gnvr.ddof = 1  # The variance divides by batch_size - ddof.
@@ -401,6 +405,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
     _check(isinstance(adaptive, bool),
            f"{section}.adaptive must be True or False, got {adaptive!r}.")
     _nonnegative(f"{section}.eta", config[section].eta)
+  probability = config.sam.probability
+  if probability is not None:
+    _check(_is_number(probability) and 0 < probability <= 1,  # rejects NaN
+           "sam.probability must be in (0, 1] (the chance of a SAM step; None"
+           f" = every step), got sam.probability={probability!r}.")
   _check(not (config.gnp.adaptive and config.gnp.normalize_first),
          "gnp.adaptive and gnp.normalize_first cannot both be set.")
   clip = config.clip

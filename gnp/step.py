@@ -155,6 +155,9 @@ def train_step(state: TrainState, batch, *, model, make_tx, unit_schedule,
     decay included). ``param_norm``: ‖θ'‖ after the update.
   * ``learning_rate``: the rate this step applied; ``nonfinite``: 1 if the
     update was refused (below), else 0.
+  * ``sam_step``, with ``sam.probability`` (RST) only: 1 if this step took
+    SAM's gradient, 0 if the plain one; its mean is the fraction of SAM
+    steps.
 
   A NaN or Inf in the loss, the gradient, the new parameters or the batch
   statistics is never applied. With ``skip_nonfinite`` the step
@@ -198,6 +201,8 @@ def train_step(state: TrainState, batch, *, model, make_tx, unit_schedule,
   }
   if "grad_norm" in stats:
     metrics["grad_norm"] = stats["grad_norm"]
+  if "sam_step" in stats:  # RST: 1 on a SAM step, 0 on a plain one.
+    metrics["sam_step"] = stats["sam_step"]
   # The norms are computed for the metrics anyway, and a NaN or Inf anywhere
   # in the gradient or the new parameters makes them non-finite; a scan of
   # every leaf cost NGS ~15% of its step on the mnist1d MLP. The optimiser

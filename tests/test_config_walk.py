@@ -170,6 +170,8 @@ WALK = {
         "sam.rho": (FLOAT, {ZERO: TRAINS, HUGE_FLOAT: DIVERGES}),
         "sam.group_size": (INT, {}),
         "sam.adaptive": (BOOLEAN, {ZERO: TRAINS}),
+        # RST's probability is in (0, 1]: none of these values is.
+        "sam.probability": (FLOAT, {}),
     }),
     "asam": ({"method": "sam", "sam.adaptive": "True"}, {
         "sam.eta": (FLOAT, {ZERO: TRAINS, HUGE_FLOAT: DIVERGES}),
