@@ -467,14 +467,21 @@ def check_workdir(study: ml_collections.ConfigDict, workdir: str) -> None:
     return
   with open(path) as f:
     stored = json.load(f)
-  changed = list(config_lib.differences(
-      stored, json.loads(study.to_json_best_effort()), ignore=RESUMABLE_KEYS))
+  current = json.loads(study.to_json_best_effort())
+  # Arms may be appended: the stored arms keep their places, and with them
+  # their sampler seeds (`_optuna_study`), trials and final runs.
+  if (len(current.get("arms", [])) > len(stored.get("arms", []))
+      and current["arms"][:len(stored["arms"])] == stored["arms"]):
+    current["arms"] = current["arms"][:len(stored["arms"])]
+  changed = list(config_lib.differences(stored, current,
+                                        ignore=RESUMABLE_KEYS))
   if changed:
     raise UserError(
         f"workdir {workdir} holds another study (it differs in"
         f" {', '.join(changed[:3])}{' and more' if len(changed) > 3 else ''});"
         " use a new --workdir, or the same study to resume (only"
-        f" {', '.join(RESUMABLE_KEYS)} may change).")
+        f" {', '.join(RESUMABLE_KEYS)} may change, and arms may be added"
+        " after the last).")
 
 
 def run(study: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -361,6 +361,37 @@ def test_a_workdir_refuses_another_study(finished):
   assert sorted(os.listdir(workdir)) == before
 
 
+def test_an_arm_appended_to_a_finished_study_trains_alone(finished, tmp_path,
+                                                         monkeypatch):
+  workdir, results = finished
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  config = tiny_study()
+  config.arms = (*config.arms, study.arm(
+      "fixed", "plain at one setting", overrides={
+          "optimizer.learning_rate": 3e-3}))
+  trained = []
+  train = study.population.Population.train
+
+  def recording(self, configs, **kwargs):
+    trained.extend(c.optimizer.learning_rate for c in configs)
+    return train(self, configs, **kwargs)
+
+  monkeypatch.setattr(study.population.Population, "train", recording)
+  extended = study.run(config, copy)
+  assert trained == [3e-3] * 2  # Its two seeds; nothing else trained.
+  assert extended["arms"][:2] == results["arms"]
+  assert extended["arms"][2]["name"] == "fixed"
+  # Arms reordered, or one dropped, are another study.
+  with pytest.raises(UserError, match="holds another study"):
+    study.run(_reordered(tiny_study()), copy)
+
+
+def _reordered(config):
+  config.arms = tuple(reversed(config.arms))
+  return config
+
+
 def test_a_pruned_study_trains_fewer_epochs_and_says_so(tmp_path):
   settings = {"tuning.num_trials": 6, "tuning.trials_at_once": 3,
               "tuning.num_epochs": 4, "tuning.pruner_min_epochs": 1,
