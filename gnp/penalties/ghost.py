@@ -44,9 +44,10 @@ feature groups, masks; no custom ``dot_general``/``conv_general_dilated``/
 otherwise transformed inside ``loss_fn``, not inside a lifted transform such
 as ``nn.remat`` or ``nn.scan``) and is used nowhere else (an ``nn.Embed``, a
 norm's scale, a raw ``self.param``, an L2 term written into ``loss_fn`` are
-all refused; an L2 term declared with `gnp.penalties.with_l2` is not, below). This is established from the traced loss: the supported layers'
-outputs are replaced by stand-ins that depend on their inputs only, and any
-parameter still reaching the losses is reported. `nn.BatchNorm` in training
+all refused; one declared with `gnp.penalties.with_l2` is not, see below).
+This is established from the traced loss: the supported layers' outputs are
+replaced by stand-ins that depend on their inputs only, and any parameter
+still reaching the losses is reported. `nn.BatchNorm` in training
 mode is refused: it mixes examples, so per-example gradients are ill-defined.
 Each supported layer's input and output must carry the examples along their
 leading axis (checked for its size, B); ops that mix examples outside modules
