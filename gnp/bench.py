@@ -80,6 +80,10 @@ METHODS = {
     "gnp_exact": ("GNP (exact)", {"method": "gnp", "gnp.exact": True}),
     "gnvr_vmap": ("GNVR (vmap)", {"method": "gnvr", "gnvr.method": "vmap"}),
     "gnvr_ghost": ("GNVR (ghost)", {"method": "gnvr", "gnvr.method": "ghost"}),
+    # L2 in the loss (penalties.with_l2): its part of each norm analytically.
+    "gnvr_ghost_l2": ("GNVR (ghost, L2)", {"method": "gnvr",
+                                           "gnvr.method": "ghost",
+                                           "optimizer.l2": 1e-3}),
     "gvr": ("GVR", {"method": "gvr"}),
     "hessian": ("Hessian", {"method": "hessian"}),
     "clip_ghost": ("per-example clipping (ghost)",

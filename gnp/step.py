@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from optax import tree_utils as otu
 
+from gnp import penalties
 from gnp import regularizers
 
 
@@ -85,7 +86,9 @@ def make_loss_fn(model, batch_stats, *, l2=None) -> Callable:
   """``loss_fn(params, (x, y), key) -> (per-example losses, aux)``.
 
   ``l2`` (a float or a traced array; None = no term) adds
-  ``0.5 * l2 * ‖kernels‖²`` to every example's loss.
+  ``0.5 * l2 * ‖kernels‖²`` (kernels: the leaves with ndim > 1) to every
+  example's loss, declared with `gnp.penalties.with_l2` so that ghost norms
+  (GNVR, per-example clipping) keep applying to the model.
 
   Models with batch normalisation run in training mode and return their new
   statistics in ``aux``; the regularisers take ``aux`` from the unperturbed
@@ -106,18 +109,20 @@ def make_loss_fn(model, batch_stats, *, l2=None) -> Callable:
       logits, new_stats = model.apply(variables, x, train=True, rngs=rngs), {}
     logits = logits.astype(jnp.float32)
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    losses = cross_entropy
-    if l2 is not None:
-      kernels = [w for w in jax.tree.leaves(params) if w.ndim > 1]
-      losses = losses + 0.5 * l2 * otu.tree_norm(kernels, squared=True)
     aux = {
         "cross_entropy": cross_entropy,
         "correct": (jnp.argmax(logits, -1) == y).astype(jnp.float32),
         "batch_stats": new_stats,
     }
-    return losses, aux
+    return cross_entropy, aux
 
-  return loss_fn
+  if l2 is None:
+    return loss_fn
+  return penalties.with_l2(loss_fn, l2, mask=_kernels)
+
+
+def _kernels(params):
+  return jax.tree.map(lambda w: w.ndim > 1, params)
 
 
 # --- The step --------------------------------------------------------------

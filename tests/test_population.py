@@ -36,6 +36,8 @@ def _single_run(config, workdir):
     ("plain", {"optimizer.learning_rate": (1e-3, 3e-3),
                "optimizer.weight_decay": (1e-2, 1e-4)}),
     ("gnvr", {"gnvr.lam": (0.0, 0.05)}),  # ghost norms under vmap
+    # ... with each member's L2 term in them (`penalties.with_l2`).
+    ("gnvr", {"gnvr.lam": (0.05, 0.02), "optimizer.l2": (1e-2, 1e-3)}),
 ])
 def test_population_equals_separate_single_runs(tmp_path, method, varied):
   configs = [

@@ -36,7 +36,10 @@ How, by ``method``:
   models whose every parameter is the kernel or bias of a Flax ``nn.Dense``
   or ``nn.Conv``), then a second backward pass through the same forward pass,
   of Σ_i c_i ℓ_i / B with the c_i constant: ∇ of it is the update. No
-  per-example gradient of the whole model is formed.
+  per-example gradient of the whole model is formed. An L2 term declared
+  with `gnp.penalties.with_l2` keeps this path; it is part of every ℓ_i, so
+  each example's l2 θ_K enters its n_i and is clipped with it: update =
+  (1/B) Σ_i c_i (∇ℓ_i + l2 θ_K), as with ``"vmap"``.
 * ``"vmap"``: per-example gradients with ``jax.vmap(jax.grad(ℓ))`` (ℓ calls
   ``loss_fn`` on a batch of one with the step's key), clipped and averaged
   directly. Any model, but B gradients in memory; layers that mix examples

@@ -43,17 +43,36 @@ feature groups, masks; no custom ``dot_general``/``conv_general_dilated``/
 ``promote_dtype``) that receives it unchanged from ``params`` (not cast or
 otherwise transformed inside ``loss_fn``, not inside a lifted transform such
 as ``nn.remat`` or ``nn.scan``) and is used nowhere else (an ``nn.Embed``, a
-norm's scale, a raw ``self.param``, an L2 term in the per-example loss are
-all refused). This is established from the traced loss: the supported layers'
-outputs are replaced by stand-ins that depend on their inputs only, and any
-parameter still reaching the losses is reported. `nn.BatchNorm` in training
+norm's scale, a raw ``self.param``, an L2 term written into ``loss_fn`` are
+all refused; one declared with `gnp.penalties.with_l2` is not, see below).
+This is established from the traced loss: the supported layers' outputs are
+replaced by stand-ins that depend on their inputs only, and any parameter
+still reaching the losses is reported. `nn.BatchNorm` in training
 mode is refused: it mixes examples, so per-example gradients are ill-defined.
 Each supported layer's input and output must carry the examples along their
 leading axis (checked for its size, B); ops that mix examples outside modules
 (a batch-wise normalisation written inline) cannot be detected, and make δ the
 cotangent of the summed loss rather than of ℓ_i.
 
-Norms are computed in the layer's compute dtype promoted to at least float32.
+An L2 term that every example shares, ½ · l2 · ‖θ_K‖² declared with
+`gnp.penalties.with_l2` (θ_K: θ on the leaves the term covers, 0 elsewhere),
+adds the same l2 · θ_K to every example's gradient. With ∇ℓ_i the gradient
+without it,
+
+    ‖∇ℓ_i + l2 θ_K‖² = ‖∇ℓ_i‖² + 2 l2 ⟨∇ℓ_i, θ_K⟩ + l2² ‖θ_K‖²,
+
+and the cross term comes per layer from the pass already made: z_t − b =
+a_t W is linear in W, so ⟨∂ℓ_i/∂W, W⟩ = Σ_t ⟨a_tᵀ δ_t, W⟩ = Σ_t δ_t · (z_t −
+b), and ⟨∂ℓ_i/∂b, b⟩ = Σ_t δ_t · b; a layer with kernel and bias both in K
+gives Σ_t δ_t · z_t. It holds for anything whose output is linear in the
+kernel (a masked kernel, feature groups; several calls add up) and costs one
+product with each layer's output, no further pass. Leaves in K that the
+losses do not use have ∇ℓ_i = 0 there and add to ‖θ_K‖² only. The forward
+pass adds the term to the losses, so its backward passes (∇L, clipping's
+second pass) include l2 θ_K as well.
+
+Norms are computed in the layer's compute dtype promoted to at least float32
+(the cross term from the layer's output, so to that output's precision).
 """
 
 from __future__ import annotations
@@ -213,6 +232,8 @@ def analyze(loss_fn: _base.LossFn, params, batch, key) -> tuple[LayerCall, ...]:
       than through a supported layer, a batch normalisation in training mode,
       or a layer without the examples on its leading axis.
   """
+  if isinstance(loss_fn, _base.WithL2):  # Its term uses no layer.
+    loss_fn = loss_fn.loss_fn
   size = _base.batch_size(batch)
   paths = _leaf_paths(params)
   calls: list[LayerCall] = []
@@ -269,8 +290,9 @@ def analyze(loss_fn: _base.LossFn, params, batch, key) -> tuple[LayerCall, ...]:
         f"the ghost path cannot compute exact per-example gradient norms: "
         f"parameter {described} reaches the per-example losses other than as "
         f"the kernel or bias of a supported layer ({SUPPORTED}), or is "
-        "transformed inside loss_fn before the layer uses it. Use "
-        "method='vmap' (method='auto' falls back to it)."
+        "transformed inside loss_fn before the layer uses it (an L2 term: "
+        "declare it with gnp.penalties.with_l2). Use method='vmap' "
+        "(method='auto' falls back to it)."
     )
   return tuple(calls)
 
@@ -350,6 +372,32 @@ def _kernel_squared_norms(rows, masks, branch: Branch, with_bias: bool):
   return jnp.sum(gram_a * gram_d, axis=(1, 2, 3))
 
 
+def _shared_term_squared(shared: _base.WithL2, params, calls, outputs, deltas,
+                         dtype):
+  """2 l2 ⟨∇ℓ_i, θ_K⟩ + l2² ‖θ_K‖² for every example: [B].
+
+  A sum that is slightly negative by rounding (∇ℓ_i ≈ −l2 θ_K) gives a
+  norm of 0: `_base.safe_sqrt` takes it as 0.
+  """
+  leaves = jax.tree.leaves(params)
+  in_term = shared.in_term(params)
+  cross = 0
+  for call, z, delta in zip(calls, outputs, deltas):
+    norm_dtype = jnp.promote_types(call.out_dtype, jnp.float32)
+    d = delta.reshape(delta.shape[0], -1, delta.shape[-1]).astype(norm_dtype)
+    kernel = call.kernel is not None and in_term[call.kernel]
+    bias = call.bias is not None and in_term[call.bias]
+    if kernel:  # Σ_t δ_t · z_t: ⟨∂ℓ_i/∂W, W⟩ + ⟨∂ℓ_i/∂b, b⟩.
+      cross += jnp.sum(d * z.reshape(d.shape).astype(norm_dtype), axis=(1, 2))
+    if call.bias is not None and kernel != bias:  # ± Σ_t δ_t · b.
+      b = leaves[call.bias].astype(norm_dtype)
+      cross += (1 if bias else -1) * jnp.sum(d, axis=1) @ b
+  weights = sum(jnp.sum(jnp.square(w.astype(dtype)))
+                for w in shared.weights(params))
+  l2 = shared.l2
+  return jnp.asarray(l2 * (2 * cross + l2 * weights), dtype)
+
+
 def per_example_norms(
     loss_fn: _base.LossFn,
     params,
@@ -363,7 +411,9 @@ def per_example_norms(
 
   Args:
     loss_fn: ``loss_fn(params, batch, key) -> (losses, aux)``; it is called
-      once, on the whole batch, with ``key``.
+      once, on the whole batch, with ``key``. A `gnp.penalties.with_l2` loss
+      keeps its L2 term in the losses, the gradient and the norms (module
+      docstring).
     params: the parameters θ.
     batch: the batch; every leaf has the B examples along its leading axis.
     key: passed to ``loss_fn`` unchanged.
@@ -405,6 +455,9 @@ def per_example_norms_with_pullback(
   """
   if branch not in BRANCHES:
     raise ValueError(f"unknown branch={branch!r}; choose one of {BRANCHES}.")
+  shared = loss_fn if isinstance(loss_fn, _base.WithL2) else None
+  if shared is not None:
+    loss_fn = shared.loss_fn
   if calls is None:
     calls = analyze(loss_fn, params, batch, key)
   size = _base.batch_size(batch)
@@ -412,7 +465,7 @@ def per_example_norms_with_pullback(
 
   def forward(p, probes):
     index = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(p))}
-    inputs, masks = [], []
+    inputs, outputs, masks = [], [], []
 
     def interceptor(next_fun, args, kwargs, context):
       module = context.module
@@ -430,7 +483,8 @@ def per_example_norms_with_pullback(
       inputs.append(_layer_input(args, kwargs))
       masks.append(getattr(module, "mask", None))
       modules.append(module)
-      return next_fun(*args, **kwargs) + probes[k]
+      outputs.append(next_fun(*args, **kwargs))
+      return outputs[-1] + probes[k]
 
     with nn.intercept_methods(interceptor):
       losses, aux = loss_fn(p, batch, key)
@@ -443,10 +497,12 @@ def per_example_norms_with_pullback(
       raise ValueError(
           "loss_fn must return per-example losses of shape [B]; got shape "
           f"{jnp.shape(losses)}.")
-    return losses, (aux, inputs, masks)
+    if shared is not None:
+      losses = losses + shared.term(p)
+    return losses, (aux, inputs, outputs, masks)
 
   probes = [jnp.zeros(call.out_shape, call.out_dtype) for call in calls]
-  losses, backward, (aux, inputs, masks) = jax.vjp(
+  losses, backward, (aux, inputs, outputs, masks) = jax.vjp(
       forward, params, probes, has_aux=True)
   # One backward pass of Σ_i ℓ_i: the probes' cotangents are every example's
   # δ, the parameters' the summed gradient (for the grad_norm statistic).
@@ -474,5 +530,8 @@ def per_example_norms_with_pullback(
   for ks in biases.values():
     bias_grad = sum(jnp.sum(rows[k][1], axis=1) for k in ks)
     squared += jnp.sum(bias_grad ** 2, axis=(1, 2))
+  if shared is not None:
+    squared += _shared_term_squared(shared, params, calls, outputs, deltas,
+                                    squared.dtype)
   pullback = lambda weights: backward(weights)[0]
   return losses, aux, _base.safe_sqrt(squared), summed_grad, pullback

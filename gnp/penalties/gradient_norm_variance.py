@@ -23,6 +23,9 @@ Per-example norms, by ``method``:
   formed. Exact, but only for models whose every parameter is the kernel or
   bias of such a layer; anything else (an ``nn.Embed``, a norm's scale, batch
   normalisation in training mode, ...) raises a ValueError that names it.
+  An L2 term in the loss keeps this path when it is declared with
+  `gnp.penalties.with_l2` (as the training system's ``optimizer.l2`` is):
+  its part of each n_i is added analytically.
 * ``"auto"`` (default): ``"ghost"`` where it applies, ``"vmap"`` otherwise.
   Decided when the gradient function is traced, from the model's structure.
 
