@@ -21,10 +21,17 @@ and per-example clipping's ``max_norm`` / ``outlier_mads``) may be traced
 scalars: build the gradient function inside the jitted step from
 the step's schedule values and nothing recompiles.
 
+Gradient accumulation: ``accumulate(loss_fn, k)`` is a loss function that
+evaluates a batch in k microbatches, one after the other; every regulariser
+here computes its whole-batch step from it, in less memory
+(`gnp.penalties.accumulation`).
+
 The mathematics of each method is in its module's docstring.
 """
 
 from gnp.penalties._base import GradientFn
+from gnp.penalties.accumulation import AccumulatedLoss
+from gnp.penalties.accumulation import accumulate
 from gnp.penalties.clipping import per_example_clipping
 from gnp.penalties.gradient_norm import gradient_norm
 from gnp.penalties.gradient_norm_variance import gradient_norm_variance
@@ -35,7 +42,9 @@ from gnp.penalties.view_consistency import last_layer
 from gnp.penalties.view_consistency import view_consistency
 
 __all__ = [
+    "AccumulatedLoss",
     "GradientFn",
+    "accumulate",
     "gradient_norm",
     "gradient_norm_variance",
     "hessian_frobenius",
