@@ -5,25 +5,29 @@ the mean of the microbatches' mean losses, L(θ) = (1/k) Σ_j L_j(θ), and so
 is each of its derivatives: ∇L = (1/k) Σ_j ∇L_j, H v = (1/k) Σ_j H_j v, and
 so on to any order. `accumulate(loss_fn, k)` is a loss function that
 evaluates the k microbatches in sequence (`jax.lax.scan`), each one's pass
-rematerialised (`jax.checkpoint`): differentiating it, to any order, keeps
-the activations of one microbatch instead of the batch's, and gives what the
-whole batch gives, up to rounding. A regulariser handed it in place of
-``loss_fn`` computes its whole-batch step in less memory:
+rematerialised (`jax.checkpoint`). Every derivative of it is the whole
+batch's, up to rounding; gradients, Hessian-vector products (forward over
+reverse) and their gradients (reverse over forward over reverse) keep the
+activations of one microbatch instead of the batch's, but reverse over
+reverse does not (below). A regulariser handed it in place of ``loss_fn``
+computes its whole-batch step in less memory:
 
 * The first-order methods (plain, SAM, finite-difference GNP; GC and NGS
   transform the gradient afterwards) take `value_and_grad`, which sums each
   microbatch's gradient as it goes and recomputes nothing: a plain step
   costs what it costs on the whole batch. SAM and GNP run it twice, at θ and
   at θ + r ĝ, ĝ from the accumulated whole-batch gradient.
-* Exact GNP (a Hessian-vector product), the Hessian penalty (third order)
-  and GVR (gradient of a gradient) differentiate through the accumulated
-  loss; the checkpoint makes each backward pass recompute its microbatch's
-  forward pass once.
-* GNVR and per-example clipping need each example's gradient norm; their
-  modules run their per-example computation on each microbatch
-  (`AccumulatedLoss.sequential`), with a first pass over the norms where the
-  step needs statistics of the whole batch's (GNVR's mean norm, clipping's
-  median and MAD). Their steps equal the whole batch's too.
+* Exact GNP (a Hessian-vector product, forward over reverse) and the
+  Hessian penalty (reverse over forward over reverse) differentiate through
+  the accumulated loss; the checkpoint makes each backward pass recompute
+  its microbatch's forward pass.
+* GNVR, per-example clipping and GVR run their own computation on each
+  microbatch, with the loss this one wraps (`AccumulatedLoss.sequential`),
+  after a first pass for what the step needs from the whole batch: GNVR's
+  mean norm, clipping's median and MAD, GVR's gradient difference (reverse
+  mode over the rematerialised backward pass, which GVR's gradient of a
+  gradient would be, keeps every microbatch's activations). Their modules
+  have the mathematics; their steps equal the whole batch's too.
 
 Which examples. Microbatch j holds examples j, j + k, j + 2k, … (the batch
 viewed as [B/k, k] and transposed). A batch split over D devices in

@@ -48,7 +48,7 @@ a sum over examples once the mean n̄ is known. So a first pass computes
 every n_i (first order, one microbatch at a time), giving n̄ and Var, and a
 second differentiates, microbatch by microbatch, L_j / k + λ Σ_{i ∈ j}
 (n_i − n̄)² / (B − ddof) with n̄ held constant; the gradients summed over j
-are ∇J. The first pass costs about a quarter of the second.
+are ∇J.
 """
 
 from __future__ import annotations
