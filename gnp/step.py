@@ -12,6 +12,18 @@ through rounding — except for m-sharpness, where ``gnp.group_size`` /
 Per-step randomness is ``fold_in(state.rng, state.step)``, split into the
 augmentation's key and the loss's key (dropout, Hessian probes, GVR views).
 
+Gradient accumulation (``grad_accum_steps`` = k > 1): the regulariser gets
+``gnp.penalties.accumulate(loss_fn, k)``, which evaluates the batch in k
+microbatches of B/k examples in sequence, and computes the whole batch's
+step from it (`gnp.penalties.accumulation`), in the memory of a microbatch's
+activations. Two things depend on k: dropout masks (drawn per microbatch)
+and batch normalisation, which normalises each microbatch with its own
+statistics; the running statistics become the mean over the microbatches of
+each one's update, m s + (1 − m) mean_j μ_j for momentum m and microbatch
+statistics μ_j (for the means, the whole batch's; for the variances, the
+mean within-microbatch variance, which lacks the variance between the
+microbatches' means).
+
 Faults never cost a host round trip per step: the step itself refuses a
 non-finite update and records it in the state (`TrainState.nonfinite_step`),
 and the loop (`gnp.loop`) reads that record only where it syncs anyway.
@@ -136,7 +148,7 @@ def _all_finite(tree) -> jax.Array:
 
 def train_step(state: TrainState, batch, *, model, make_tx, unit_schedule,
                regularizer, preprocess, augment, use_l2,
-               skip_nonfinite=False):
+               skip_nonfinite=False, grad_accum_steps=1):
   """One update of ``state`` on a global batch; returns (state, metrics).
 
   ``make_tx(schedule, weight_decay)`` builds the optax chain and
@@ -168,6 +180,9 @@ def train_step(state: TrainState, batch, *, model, make_tx, unit_schedule,
   statistics is never applied. With ``skip_nonfinite`` the step
   counts it and moves on to the next batch; otherwise it records the step in
   ``state.nonfinite_step`` and the state stays as it was from then on.
+
+  ``grad_accum_steps`` = k > 1 computes the step in k sequential
+  microbatches (module docstring); the metrics are the whole batch's.
   """
   hparams = state.hparams["optimizer"]
   # The schedule follows the step number, not optax's count: a step skipped
@@ -183,14 +198,20 @@ def train_step(state: TrainState, batch, *, model, make_tx, unit_schedule,
     x = augment(augment_key, x)
   loss_fn = make_loss_fn(model, state.batch_stats,
                          l2=hparams["l2"] if use_l2 else None)
+  if grad_accum_steps > 1:
+    loss_fn = penalties.accumulate(loss_fn, grad_accum_steps)
   grad_fn = regularizer.make(loss_fn, state.step,
                              state.hparams.get(regularizer.method, {}))
   (objective, aux), grads, stats = grad_fn.with_stats(
       state.params, (x, y), loss_key
   )
   batch_stats = aux["batch_stats"]
-  if regularizer.group_size is not None:  # m-sharpness: one pass per group.
-    batch_stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), batch_stats)
+  if regularizer.group_size is not None or grad_accum_steps > 1:
+    # One pass per m-sharpness group and per microbatch, stacked along the
+    # leading axes: the new running statistics are the passes' mean.
+    batch_stats = jax.tree.map(
+        lambda new, old: jnp.mean(new.reshape((-1,) + old.shape), axis=0),
+        batch_stats, state.batch_stats)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {

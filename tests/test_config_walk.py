@@ -119,6 +119,7 @@ WALK = {
         "method": (STRING, {}),
         "regularizer_warmup": (STRING, {}),
         "batch_size": (INT, {}),
+        "grad_accum_steps": (INT, {}),
         "num_epochs": (INT, {}),
         "num_steps": (INT, {}),
         "eval_batch_size": (INT, {}),
