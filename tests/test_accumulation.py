@@ -390,3 +390,38 @@ def test_eight_devices_accumulate_as_one_batch():
   out = json.loads(result.stdout.splitlines()[-1])
   assert out["devices"] == 8
   assert out["difference"] <= 1e-5 * out["scale"], out
+
+
+# L2 declared with `with_l2` (as the step declares optimizer.l2), then
+# accumulated, as the step wraps it; and RST's coin, which picks one branch
+# for the whole batch, taking each branch by its key.
+COMBINED = {
+    "gnvr_ghost_l2": (lambda f: penalties.with_l2(f, 0.05),
+                      lambda f: penalties.gradient_norm_variance(
+                          f, lam=0.5, method="ghost")),
+    "clip_ghost_l2": (lambda f: penalties.with_l2(f, 0.05),
+                      lambda f: penalties.per_example_clipping(
+                          f, outlier_mads=0.5, method="ghost")),
+    "rst": (lambda f: f, lambda f: penalties.sam(f, rho=0.1,
+                                                 probability=0.5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMBINED))
+def test_l2_and_rst_accumulate_to_the_whole_batch(name, x64):
+  declare, make = COMBINED[name]
+  loss_fn, params, batch = tiny_problem(0, batch_size=16)
+  loss_fn = declare(loss_fn)
+  whole = jax.jit(make(loss_fn).with_stats)
+  accumulated = jax.jit(make(penalties.accumulate(loss_fn, K)).with_stats)
+  branches = set()
+  for seed in range(12 if name == "rst" else 1):
+    key = jax.random.key(seed)
+    (loss, _), grads, stats = whole(params, batch, key)
+    (acc_loss, _), acc_grads, _ = accumulated(params, batch, key)
+    np.testing.assert_allclose(_flat(acc_grads), _flat(grads), rtol=1e-12,
+                               atol=1e-12 * np.abs(_flat(grads)).max())
+    np.testing.assert_allclose(acc_loss, loss, rtol=1e-12)
+    branches.add(float(stats.get("sam_step", -1)))
+  if name == "rst":  # Both branches were compared.
+    assert branches == {0.0, 1.0}
