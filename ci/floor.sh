@@ -37,6 +37,12 @@ tests=(
   tests/test_train.py::test_checkpoints_are_written_by_orbax_and_loadable
   tests/test_asam.py
   tests/test_clipping.py
+  "tests/test_accumulation.py::test_the_step_equals_the_whole_batch_in_float64[sam-mlp]"
+  "tests/test_accumulation.py::test_the_step_equals_the_whole_batch_in_float64[gnvr_ghost-mlp]"
+  tests/test_accumulation.py::test_losses_come_back_in_batch_order_and_keys_per_microbatch
+  "tests/test_l2_ghost.py::test_gnvr_and_clipping_equal_vmap_and_the_loop[mlp]"
+  "tests/test_randomized_sam.py::test_each_branch_equals_the_hand_computation[True]"
+  tests/test_randomized_sam.py::test_the_coin_is_an_independent_bernoulli_draw
 )
 
 if [[ -n "${FLOOR_VENV:-}" ]]; then

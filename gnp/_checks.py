@@ -37,3 +37,22 @@ def check_positive_int(name: str, value, *, allow_none: bool = False) -> None:
       or value < 1
   ):
     raise ValueError(f"{name} must be a positive integer, got {name}={value!r}.")
+
+
+def check_probability(name: str, value) -> None:
+  """Raises ValueError unless a concrete ``value`` is in (0, 1].
+
+  A traced value (a population's or a schedule's) passes if it is a scalar.
+  """
+  if isinstance(value, jax.core.Tracer):
+    if jnp.ndim(value) != 0:
+      raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}.")
+    return
+  try:
+    concrete = None if isinstance(value, bool) else float(value)
+  except (TypeError, ValueError):
+    concrete = None
+  if concrete is None:
+    raise ValueError(f"{name} must be a probability in (0, 1], got {value!r}.")
+  if not 0 < concrete <= 1:  # also rejects NaN
+    raise ValueError(f"{name} must be in (0, 1], got {name}={value!r}.")

@@ -3,10 +3,10 @@
 Times the real jitted train step (`gnp.experiment.create_experiment(config)
 .step`) of each method on one fixed batch already on the device, and writes
 ``DIR/bench.md`` (a table) and ``DIR/bench.json`` (everything, with the
-per-step times and the machine). Rows: plain, GC, NGS, SAM, ASAM, GNP
-(finite difference and exact), GNVR (vmap and ghost norms), GVR, the Hessian
-penalty and per-example clipping (ghost norms, robust threshold), each the
-default config with one thing changed.
+per-step times and the machine). Rows: plain, GC, NGS, SAM, ASAM,
+randomized SAM (RST, p = 0.1), GNP (finite difference and exact), GNVR (vmap
+and ghost norms), GVR, the Hessian penalty and per-example clipping (ghost
+norms, robust threshold), each the default config with one thing changed.
 
 Models: the mnist1d MLP (40→256→256→10, batch 100, AdamW; exactly
 ``configs/mnist1d.py``) always, and ResNet-18 (CIFAR stem, batch 128, the
@@ -23,6 +23,16 @@ The pipelined columns time the same steps the way the training loop runs
 them: bursts of ``--block`` steps dispatched at once with one wait at the
 end (the median per-step time over bursts), where launch overhead overlaps
 the previous step's work. The targets are judged on the synchronised times.
+
+RST's steps cost one of two amounts at random (a SAM step with probability
+p, a plain step otherwise), so the median of its steps is the plain step's
+when p < 1/2. Its ``× plain`` is the expected cost instead: p × (median
+SAM-branch step) + (1 − p) × (median plain-branch step), each step taken
+over plain's median in the same round, the branches told apart by the
+step's ``sam_step`` metric (whose mean, the fraction of SAM steps timed, is
+reported too). p = 0.1 puts that at 1 + 0.1 (2.05 − 1) ≈ 1.1× plain,
+plus the conditional's own cost, wherever SAM costs at most its 2.05×
+target: under the 1.15× that RST's rows are held to.
 
     python -m gnp.bench --out=runs/bench                       # CPU: the MLP
     python -m gnp.bench --models=resnet18 --dtype=bfloat16 --out=runs/bench
@@ -64,10 +74,16 @@ METHODS = {
     "ngs": ("NGS", {"optimizer.standardize": True}),
     "sam": ("SAM", {"method": "sam"}),
     "asam": ("ASAM", {"method": "sam", "sam.adaptive": True, "sam.rho": 0.5}),
+    "rst": ("SAM, randomized (RST, p = 0.1)",
+            {"method": "sam", "sam.probability": 0.1}),
     "gnp": ("GNP (finite difference)", {"method": "gnp"}),
     "gnp_exact": ("GNP (exact)", {"method": "gnp", "gnp.exact": True}),
     "gnvr_vmap": ("GNVR (vmap)", {"method": "gnvr", "gnvr.method": "vmap"}),
     "gnvr_ghost": ("GNVR (ghost)", {"method": "gnvr", "gnvr.method": "ghost"}),
+    # L2 in the loss (penalties.with_l2): its part of each norm analytically.
+    "gnvr_ghost_l2": ("GNVR (ghost, L2)", {"method": "gnvr",
+                                           "gnvr.method": "ghost",
+                                           "optimizer.l2": 1e-3}),
     "gvr": ("GVR", {"method": "gvr"}),
     "hessian": ("Hessian", {"method": "hessian"}),
     "clip_ghost": ("per-example clipping (ghost)",
@@ -96,6 +112,7 @@ TARGETS = {  # (model, method) -> target.
     ("mlp", "gc"): Target(1.1, _CPU_MLP),
     ("mlp", "ngs"): Target(1.1, _CPU_MLP),
     ("mlp", "sam"): Target(2.0, _CPU_MLP),
+    ("mlp", "rst"): Target(1.15, _CPU_MLP),
     ("mlp", "gnp"): Target(2.0, _CPU_MLP),
     ("mlp", "gnvr_ghost"): Target(2.0, _CPU_MLP),
     ("mlp", "gvr"): Target(3.0, _CPU_MLP),
@@ -103,6 +120,7 @@ TARGETS = {  # (model, method) -> target.
     ("mlp", "clip_ghost"): Target(2.2, _CPU_MLP),
     ("resnet18", "plain"): Target(30_000, _GPU_RESNET, throughput=True),
     ("resnet18", "sam"): Target(2.05, _GPU_RESNET),
+    ("resnet18", "rst"): Target(1.15, _GPU_RESNET),
     ("resnet18", "gnp"): Target(2.05, _GPU_RESNET),
 }
 
@@ -221,13 +239,18 @@ class _Runner:
     stats = jax.local_devices()[0].memory_stats()  # None on CPU.
     self.device_peak_bytes = (stats or {}).get("peak_bytes_in_use")
     self.times: list[float] = []  # Synchronised steps.
+    # RST: per timed step, 1.0 if it took SAM's branch, 0.0 if the plain one.
+    self.sam_steps: list[float] = []
+    self.last_sam_step = None
     self.burst_times: list[float] = []  # Per-step times of pipelined bursts.
 
   def step(self) -> float:
     started = time.perf_counter()
     self.state, metrics = self.step_fn(self.state, self.batch)
     jax.block_until_ready((self.state, metrics))
-    return time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    self.last_sam_step = metrics.get("sam_step")  # Read after the clock.
+    return elapsed
 
   def burst(self, steps: int) -> float:
     """Seconds per step of ``steps`` dispatched at once, then one wait: the
@@ -249,6 +272,8 @@ def time_interleaved(runners: dict, *, repeats: int, block: int) -> None:
       runner = runners[name]
       for _ in range(min(block, repeats - len(runner.times))):
         runner.times.append(runner.step())
+        if runner.last_sam_step is not None:
+          runner.sam_steps.append(float(runner.last_sam_step))
 
 
 def time_pipelined(runners: dict, *, repeats: int, block: int) -> None:
@@ -317,7 +342,14 @@ def bench_model(model: str, methods, *, repeats: int, warmup: int, block: int,
           device_peak_bytes=runner.device_peak_bytes,
           times_ms=[round(float(t), 4) for t in times_ms],
       )
-      if plain is not None:
+      if plain is not None and runner.sam_steps:
+        # Random per step: the expected cost; no per-round spread (a block
+        # of 10 steps at p = 0.1 often has no SAM step).
+        row.update(_expected_cost(runner.times, runner.sam_steps,
+                                  plain.times, block,
+                                  method_config(base, method).sam.probability),
+                   sam_steps=runner.sam_steps)
+      elif plain is not None:
         row["ratio"] = float(median / (np.median(plain.times) * 1e3))
         # The spread of the ratio: plain and this method in the same round
         # ran seconds apart, so their quotient cancels slow load changes.
@@ -331,6 +363,41 @@ def bench_model(model: str, methods, *, repeats: int, warmup: int, block: int,
   return {"model": model, "setting": setting, "repeats": repeats,
           "warmup": warmup, "block": block, "rows": rows,
           "config": base.to_dict()}
+
+
+def _expected_cost(times_s, sam_steps, plain_times_s, block: int,
+                   probability: float | None = None) -> dict:
+  """RST's expected step cost from its steps and which branch each took.
+
+  With p the probability of a SAM step (None: f, the fraction of timed
+  steps that took SAM's branch), the expected time is p × (median SAM-branch
+  step) + (1 − p) × (median plain-branch step), and the ratio the same
+  mixture of the branches' medians of step / (plain's median in the same
+  round), so that slow load changes cancel as in the other rows' per-round
+  quotients. If only one branch was timed, its median stands for both.
+  """
+  times_ms = np.asarray(times_s) * 1e3
+  plain_ms = np.asarray(plain_times_s) * 1e3
+  rounds = np.arange(len(times_ms)) // block
+  relative = times_ms / np.array(
+      [np.median(plain_ms[r * block:(r + 1) * block]) for r in rounds])
+  took_sam = np.asarray(sam_steps) == 1
+  fraction = float(np.mean(took_sam))
+  weight = fraction if probability is None else float(probability)
+
+  def mixture(values):
+    branch = [float(np.median(values[m])) if m.any() else None
+              for m in (took_sam, ~took_sam)]
+    if branch[0] is None or branch[1] is None:  # One branch: its median.
+      return branch, branch[0] if branch[1] is None else branch[1]
+    return branch, branch[0] * weight + branch[1] * (1 - weight)
+
+  (sam_ms, plain_branch_ms), expected_ms = mixture(times_ms)
+  _, ratio = mixture(relative)
+  return {"sam_probability": weight, "sam_fraction": fraction,
+          "sam_branch_ms": sam_ms,
+          "plain_branch_ms": plain_branch_ms, "expected_ms": expected_ms,
+          "ratio": ratio}
 
 
 def _judge(model: str, method: str, row: dict, setting: dict) -> dict:
@@ -363,6 +430,17 @@ def _bytes(n) -> str:
   if n is None:
     return "n/a"
   return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def _branch_note(row: dict) -> str:
+  ms = lambda v: "none" if v is None else f"{v:.3f} ms"
+  return (f"{row['label']}: {row['sam_fraction']:.1%} of its timed steps"
+          f" took SAM's branch (median {ms(row['sam_branch_ms'])}), the rest"
+          f" the plain one (median {ms(row['plain_branch_ms'])}): at p ="
+          f" {row['sam_probability']:g}, an expected"
+          f" {row['expected_ms']:.3f} ms. Its × plain is that mixture of the"
+          " branches' steps over plain's median in the same round; its"
+          " ms/step is the median of all its steps.")
 
 
 HEADER = ("| method | ms/step (median) | IQR (ms) | examples/s | × plain "
@@ -400,9 +478,13 @@ def to_markdown(results: dict) -> str:
         lines.append(
             f"| {row['label']} | n/a | | | | | | | | {target} | {met} |")
         continue
-      ratio = "n/a" if row["ratio"] is None else (
-          f"{row['ratio']:.2f}× "
-          f"({row['ratio_q25']:.2f}–{row['ratio_q75']:.2f})")
+      if row["ratio"] is None:
+        ratio = "n/a"
+      elif row.get("expected_ms") is not None:
+        ratio = f"{row['ratio']:.2f}× (expected)"
+      else:
+        ratio = (f"{row['ratio']:.2f}× "
+                 f"({row['ratio_q25']:.2f}–{row['ratio_q75']:.2f})")
       lines.append(
           f"| {row['label']} | {row['median_ms']:.3f} "
           f"| {row['q25_ms']:.3f}–{row['q75_ms']:.3f} "
@@ -413,6 +495,8 @@ def to_markdown(results: dict) -> str:
           f"| {_bytes(row['device_peak_bytes'])} | {target} | {met} |")
     notes = [f"{r['label']}: n/a — {r['reason']}" for r in section["rows"]
              if r["status"] != "ok"]
+    notes += [_branch_note(r) for r in section["rows"]
+              if r.get("expected_ms") is not None]
     lines += [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
   lines += [
       ("- × plain: the quotient of the medians; in brackets the quartiles of"

@@ -88,6 +88,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.sam.group_size = config_dict.placeholder(int)  # m-sharpness; None = batch.
   c.sam.adaptive = False  # ASAM: ε = ρ T²g/‖Tg‖, T = |θ| + eta.
   c.sam.eta = 0.01  # η, T's floor; only with adaptive.
+  # RST (Zhao et al., 2022): each step is a SAM step with this probability
+  # and a plain step otherwise; expected cost 1 + p (SAM/plain − 1) plain
+  # steps. None = SAM on every step.
+  c.sam.probability = config_dict.placeholder(float)
   c.gnvr = ml_collections.ConfigDict()
   c.gnvr.lam = 0.01  # λ: weight of the per-example gradient-norm variance.
   c.gnvr.ddof = 1  # The variance divides by batch_size - ddof.
@@ -134,6 +138,14 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Loop.
   c.batch_size = 100  # Global, over all devices and hosts.
+  # Gradient accumulation: each step runs batch_size / grad_accum_steps
+  # examples at a time (on each device, its share), one microbatch after
+  # another, and takes the whole batch's step, to rounding, for every method
+  # (gnp.penalties.accumulation), in less memory; it must divide each
+  # device's share of the batch. It changes two things: dropout masks are
+  # drawn per microbatch, and batch normalisation normalises each microbatch
+  # with its own statistics, the running ones averaging the microbatches'.
+  c.grad_accum_steps = 1
   c.num_epochs = 30  # Passes over the training split.
   c.num_steps = config_dict.placeholder(int)  # Stop early (smoke runs).
   c.eval_batch_size = 1000  # Evaluation is exact whatever its size.
@@ -326,10 +338,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
 
   Checks what can be checked without data or compilation: unknown keys (with
   the closest known key), names, types and ranges (sizes up to the ``MAX_*``
-  bounds), divisibility of the batch by the device count and the m-sharpness
-  group, and augmentations against the dataset's input shape. The dataset
-  checks its own fields (sizes, label noise) when it loads, still before
-  compilation.
+  bounds), divisibility of the batch by the device count, of each device's
+  share by the microbatches (``grad_accum_steps``) and of the batch by the
+  m-sharpness group, and augmentations against the dataset's input shape.
+  The dataset checks its own fields (sizes, label noise) when it loads,
+  still before compilation.
   """
   known = _known_keys()
   given = flatten(config)
@@ -368,6 +381,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
       f"batch_size={config.batch_size} is not divisible by the device count"
       f" {num_devices}.",
   )
+  accum = config.grad_accum_steps
+  _positive_int("grad_accum_steps", accum)
+  share = config.batch_size // num_devices
+  _check(share % accum == 0,
+         f"grad_accum_steps={accum} does not divide batch_size="
+         f"{config.batch_size}" + (f"'s {share} examples per device (of"
+                                   f" {num_devices})" if num_devices > 1
+                                   else "") + ".")
 
   opt = config.optimizer
   for name in ("learning_rate", "weight_decay", "l2", "warmup_epochs",
@@ -403,6 +424,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
     _check(isinstance(adaptive, bool),
            f"{section}.adaptive must be True or False, got {adaptive!r}.")
     _nonnegative(f"{section}.eta", config[section].eta)
+  probability = config.sam.probability
+  if probability is not None:
+    _check(_is_number(probability) and 0 < probability <= 1,  # rejects NaN
+           "sam.probability must be in (0, 1] (the chance of a SAM step; None"
+           f" = every step), got sam.probability={probability!r}.")
   _check(not (config.gnp.adaptive and config.gnp.normalize_first),
          "gnp.adaptive and gnp.normalize_first cannot both be set.")
   clip = config.clip
@@ -453,6 +479,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
         f"{section}.group_size={group_size} does not divide"
         f" batch_size={config.batch_size}.",
     )
+    _check(group_size % accum == 0,
+           f"grad_accum_steps={accum} does not divide {section}.group_size="
+           f"{group_size} (each group is accumulated in that many"
+           " microbatches).")
 
   model = config.model
   if model.name in ("mlp", "mlp_jnp", "cnn"):

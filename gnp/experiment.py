@@ -215,7 +215,8 @@ def create_experiment(config: ml_collections.ConfigDict,
   step_args = dict(model=model, make_tx=make_tx, unit_schedule=unit_schedule,
                    regularizer=regularizer, preprocess=dataset.preprocess,
                    augment=augment, use_l2=bool(config.optimizer.l2),
-                   skip_nonfinite=config.on_nonfinite == "skip")
+                   skip_nonfinite=config.on_nonfinite == "skip",
+                   grad_accum_steps=config.grad_accum_steps)
   init_jit = jax.jit(init_from_seed, out_shardings=state_sharding)
   step_fn = jax.jit(
       functools.partial(train_step, **step_args),

@@ -85,9 +85,9 @@ def main(argv):
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     logging.flush()
-    print(f"gnp: error: out of memory: {cli.out_of_memory_line(e)}; lower"
-          " batch_size or the model's size, or use more devices.",
-          file=sys.stderr)
+    print(f"gnp: error: out of memory: {cli.out_of_memory_line(e)}; raise"
+          " grad_accum_steps, lower batch_size or the model's size, or use"
+          " more devices.", file=sys.stderr)
     sys.exit(1)
   if jax.process_index() == 0:
     print(done_line(summary, _WORKDIR.value), flush=True)

@@ -16,26 +16,17 @@ evaluation — up to floating-point rounding, which the tests check.
 >>> histories, states = train([config_seed0, config_seed1])  # doctest: +SKIP
 >>> histories[1]["validation/accuracy"][-1]  # doctest: +SKIP
 
-**Stopping members early.** ``on_epoch`` may name members to stop (a
-pruner's verdict): their histories end there, and the population shrinks to
-its survivors, so that later epochs cost time in proportion to them. A
-member's trajectory depends on nothing but its own config (its data order
-comes from its seed and epoch, its step keys from its state), so survivors
-train as they would have had nothing stopped (bitwise on CPU in the runs
-behind the tests, which allow rounding).
-
-Each new member count compiles the epoch and the evaluation again: on the
-mnist1d MLP (2 shared CPU cores) 2-3 s at 5-20 members (up to 7 s under
-load), against 0.01-0.05 s per member-epoch. So the stack shrinks only to
-powers of two (`_stack_size`): the survivors are gathered into the smallest
-power of two that holds them, spare rows repeating a survivor, unread. A
-population of M members then compiles at most ceil(log2 M) further sizes
-however its members stop, and jit keeps each for a study's later batches.
-Measured on 16 members, 10 epochs of 35 steps, the sizes already compiled:
-training all, 7-11 s; stopping 8, 4 and 2 members after epochs 2, 4 and 6,
-2.8 s (10-14 s without shrinking); one member after each epoch, 6-14 s
-(10-12 s without shrinking). The first batch pays the compilations: 20-40 s
-against 17-26 s, and 71-74 s if the stack shrank to every survivor count.
+**Runs that end at different times.** `Population.stream` trains a
+stream of runs in a fixed number of rows: when a run ends (its last epoch,
+or stopped by a tuner's pruner), its row takes the next run, from epoch 0.
+A row's run depends on nothing but its own config (its data order comes
+from its seed and epoch, its step keys from its state), so every run trains
+as it would alone, and the stack never changes size: nothing recompiles.
+On the mnist1d MLP (2 shared CPU cores) a compilation costs 2-3 s against
+0.01-0.05 s per member-epoch, so a stack that shrank as members stopped
+spent on compiling what pruning saved; a stream spends the freed rows on
+new trials. ``train`` is a stream of a fixed list: every member starts at
+once, and a stopped member's row trains on, unread.
 """
 
 from __future__ import annotations
@@ -107,9 +98,8 @@ class Population:
 
   Building one compiles nothing; the first `train` compiles the vmapped
   initialisation, epoch and evaluation for its member count, and later
-  calls with as many members reuse them: a study asks Optuna for trials in
-  batches and trains every batch of an arm with one compilation. A batch
-  whose members stop early adds the power-of-two sizes it shrinks to.
+  calls with as many members reuse them: a study trains every trial of an
+  arm in one `stream` and its final seeds with the same programs.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, dataset=None):
@@ -125,87 +115,160 @@ class Population:
                          out_shardings=self._replicated)
     self._run_epoch = _epoch_fn(exp.step_on_device_data, exp.steps_per_epoch)
     self._evaluate = jax.jit(jax.vmap(exp.eval, in_axes=(0, None)))
-    # Rows of the stacked states, and rows stacked back into one population:
-    # where members stop and the stack shrinks.
+    # Rows of the stacked states, rows stacked back into one population,
+    # and rows replaced: where members stop, and where new runs start.
     self._take = jax.jit(_take_rows, out_shardings=self._replicated)
     self._concatenate = jax.jit(_concatenate_rows,
                                 out_shardings=self._replicated)
+    self._refill = jax.jit(_refill_rows, out_shardings=self._replicated,
+                           donate_argnums=0)
     self._train_data = None
+    self._states = None  # The stack `stream` trains.
 
   def train(self, configs: Sequence[ml_collections.ConfigDict], *,
             on_epoch: OnEpoch | None = None
             ) -> tuple[list[dict], step_lib.TrainState]:
     """Trains ``configs`` at once; see the module function `train`."""
-    for config in configs:
-      config_lib.validate(config, num_devices=jax.device_count())
-    check_compatible([self.exp.config, *configs])
+    histories = [None] * len(configs)
+    stopped = {}  # Member -> its state when it stopped, one row.
+    source = iter(enumerate(configs))
+
+    def stop(active):
+      if on_epoch is None:
+        return None
+      # Every member started at once, so those training share one epoch.
+      epoch = len(next(iter(active.values()))["epoch"])
+      seen = [histories[m] or active[m] for m in range(len(configs))]
+      return _members_to_stop(on_epoch(epoch, seen), len(configs), active)
+
+    runs = self.stream(lambda row: next(source, None), slots=len(configs),
+                       stop=stop)
+    for m, history, row in runs:
+      histories[m] = history
+      states = self._states  # The stack after this member's last epoch.
+      if "stopped_epoch" in history:
+        stopped[m] = self._take(states, np.array([row]))
+    if stopped:  # Every member's row, in the order of ``configs``.
+      states = self._concatenate([
+          stopped[m] if m in stopped else self._take(states, np.array([m]))
+          for m in range(len(configs))])
+    return histories, states
+
+  def stream(self, source: Callable, *, slots: int,
+             stop: Callable | None = None, splits: Sequence[str] = SPLITS):
+    """Trains runs in ``slots`` rows, each row taking a new run as one ends.
+
+    ``source(row)`` gives the next run for a free row, ``(token,
+    config)``, or None when there is none (the row then trains on unread).
+    After each epoch ``stop({token: history})``, with the histories of the
+    runs that trained it, may return tokens of runs to stop there (a run
+    at its last epoch ends anyway). Yields ``(token, history, row)`` for each run as it ends, before
+    the freed rows ask ``source`` again, so a tuner told of a result asks
+    with it known; while the generator is paused ``self._states`` holds the
+    stack and the run's state is its ``row``. Histories are those of
+    `train`, with the ``splits`` evaluated each epoch.
+
+    A row's run trains exactly as it would alone: its data order comes from
+    its seed and epoch, its keys from its state. So the stack never changes
+    size and nothing recompiles, however runs end: a tuner that prunes
+    trials spends the freed rows on new ones. Rows start together and,
+    while runs end together (no pruning), refill together.
+    """
     exp, replicated = self.exp, self._replicated
     dataset = exp.dataset
     if self._train_data is None:
       self._train_data = exp.train_data()
+    runs = [None] * slots  # Row -> (token, config, history) of its run.
 
-    rngs = jnp.stack([jax.random.key(c.seed) for c in configs])
-    hparams = jax.tree.map(lambda *v: np.stack(v),
-                           *[step_lib.hyperparameters(c) for c in configs])
-    states = self._init(rngs, hparams)
-    histories = [{"epoch": []} for _ in configs]
-    # Row r of ``states`` trains configs[members[r]]; the members still
-    # training are ``row_of``'s keys. Other rows (a stopped member before
-    # the stack shrinks, a spare row after) train on, unread.
-    members = list(range(len(configs)))
-    row_of = {m: m for m in members}
-    stopped = {}  # Member -> its state when it stopped, one row.
-    for epoch in range(exp.config.num_epochs):
+    def fill(rows):
+      filled = []
+      for row in rows:
+        taken = source(row)
+        if taken is None:
+          continue
+        token, config = taken
+        config_lib.validate(config, num_devices=jax.device_count())
+        check_compatible([exp.config, config])
+        runs[row] = (token, config, {"epoch": []})
+        filled.append(row)
+      return filled
+
+    def init(rows):
+      # Rows without a run of their own copy one that has (spare, unread).
+      spare = runs[rows[0]][1]
+      configs = [runs[r][1] if r in rows else spare for r in range(slots)]
+      rngs = jnp.stack([jax.random.key(c.seed) for c in configs])
+      hparams = jax.tree.map(lambda *v: np.stack(v),
+                             *[step_lib.hyperparameters(c) for c in configs])
+      return self._init(rngs, hparams)
+
+    filled = fill(range(slots))
+    if not filled:
+      return
+    self._states = init(filled)
+    last = [runs[r][1] for r in filled][0]  # A config for spare rows.
+    epoch_of = [0] * slots
+    while any(runs):
       indices = jax.device_put(
-          np.stack([pipeline.epoch_indices(len(dataset.train[1]),
-                                           configs[m].batch_size,
-                                           configs[m].seed, epoch)
-                    for m in members]), replicated)
-      states, metrics = self._run_epoch(states, self._train_data, indices)
+          np.stack([pipeline.epoch_indices(
+              len(dataset.train[1]), (runs[r] or (0, last))[1].batch_size,
+              (runs[r] or (0, last))[1].seed, epoch_of[r])
+                    for r in range(slots)]), replicated)
+      self._states, metrics = self._run_epoch(self._states, self._train_data,
+                                              indices)
       metrics = jax.device_get(metrics)  # {name: [steps, rows]}
-      evals = {split: self._evaluate_split(states, getattr(dataset, split))
-               for split in SPLITS if getattr(dataset, split) is not None}
-      for m, i in row_of.items():
-        history = histories[m]
-        history["epoch"].append(epoch + 1)
+      evals = {split: self._evaluate_split(self._states,
+                                           getattr(dataset, split))
+               for split in splits if getattr(dataset, split) is not None}
+      epoch_of = [e + 1 for e in epoch_of]
+      for row, run in enumerate(runs):
+        if run is None:
+          continue
+        history = run[2]
+        history["epoch"].append(epoch_of[row])
         # As the single run's log: skipped steps stay out of the means.
         means = step_lib.summarise_steps(
-            {k: v[:, i] for k, v in metrics.items()})
+            {k: v[:, row] for k, v in metrics.items()})
         for name in TRAIN_METRICS:
           history.setdefault(f"train/{name}", []).append(means[name])
         for split, sums in evals.items():
           history.setdefault(f"{split}/loss", []).append(
-              float(sums["loss"][i] / sums["count"][i]))
+              float(sums["loss"][row] / sums["count"][row]))
           history.setdefault(f"{split}/accuracy", []).append(
-              float(sums["correct"][i] / sums["count"][i]))
-      if on_epoch is None:
+              float(sums["correct"][row] / sums["count"][row]))
+      stopped = set()
+      if stop is not None:
+        stopped = set(stop({run[0]: run[2] for run in runs if run}) or ())
+      ended = []
+      for row, run in enumerate(runs):
+        if run is not None and run[0] in stopped:
+          run[2]["stopped_epoch"] = epoch_of[row]
+        if run is not None and (run[0] in stopped
+                                or epoch_of[row] == run[1].num_epochs):
+          ended.append(row)
+      if not ended:
         continue
-      stop = _members_to_stop(on_epoch(epoch + 1, histories), len(configs),
-                              row_of)
-      for m in stop:
-        histories[m]["stopped_epoch"] = epoch + 1
-        stopped[m] = self._take(states, np.array([row_of.pop(m)]))
-      if not row_of:
-        break
-      size = _stack_size(len(row_of), len(members))
-      if size < len(members) and epoch + 1 < exp.config.num_epochs:
-        live = list(row_of)
-        members = live + [live[0]] * (size - len(live))
-        states = self._take(states, np.array([row_of[m] for m in members]))
-        row_of = {m: i for i, m in enumerate(live)}
-    if stopped:  # Every member's row, in the order of ``configs``.
-      states = self._concatenate([
-          stopped[m] if m in stopped else self._take(states,
-                                                     np.array([row_of[m]]))
-          for m in range(len(configs))])
-    # A member whose loss or update turned NaN or Inf stopped there (its
-    # state frozen at the last good values); say so rather than let its
-    # later epochs pass for training.
-    for history, step in zip(histories, np.asarray(states.nonfinite_step)):
-      if step >= 0:
-        history["diverged"] = f"NaN or Inf in the loss or update at step {step}"
-        history["diverged_epoch"] = -(-int(step) // exp.steps_per_epoch)
-    return histories, states
+      nonfinite = np.asarray(self._states.nonfinite_step)
+      for row in sorted(ended):
+        token, config, history = runs[row]
+        last, runs[row] = config, None
+        # A run whose loss or update turned NaN or Inf stopped there (its
+        # state frozen at the last good values); say so rather than let its
+        # later epochs pass for training.
+        if nonfinite[row] >= 0:
+          history["diverged"] = ("NaN or Inf in the loss or update at step"
+                                 f" {nonfinite[row]}")
+          history["diverged_epoch"] = -(-int(nonfinite[row])
+                                        // exp.steps_per_epoch)
+        yield token, history, row
+      refilled = fill(sorted(ended))
+      if refilled:
+        fresh = init(refilled)
+        self._states = self._refill(self._states, fresh,
+                                    np.isin(np.arange(slots), refilled))
+        for row in refilled:
+          epoch_of[row] = 0
+    self._states = None  # Not kept alive between streams.
 
   def _evaluate_split(self, states, arrays) -> dict:
     """Per-member sums of loss, correct predictions and count over a split."""
@@ -261,17 +324,6 @@ def _epoch_fn(step_on_device_data, steps: int):
   return run_epoch
 
 
-def _stack_size(survivors: int, size: int) -> int:
-  """Rows to stack ``survivors`` members in, shrinking from ``size`` rows.
-
-  The smallest power of two that holds them, if it is smaller than the
-  stack: each size is a compilation (module docstring), so a population
-  shrinks through powers of two and never by a member at a time.
-  """
-  bucket = 1 << (survivors - 1).bit_length()
-  return min(bucket, size)
-
-
 def _members_to_stop(returned, num_members: int, training) -> list[int]:
   """``on_epoch``'s result as member indices, checked; [] for None.
 
@@ -306,6 +358,14 @@ def _members_to_stop(returned, num_members: int, training) -> list[int]:
                        " stopped.")
     stop.append(index)
   return stop
+
+
+def _refill_rows(states, fresh, rows):
+  """``states`` with the rows where ``rows`` (a mask) is true from ``fresh``."""
+  def pick(old, new):
+    mask = rows.reshape(rows.shape + (1,) * (old.ndim - 1))
+    return jnp.where(mask, new, old)
+  return jax.tree.map(pick, states, fresh)
 
 
 def _take_rows(states, rows):

@@ -27,7 +27,8 @@ METHODS = {
     "plain": (penalties.plain, (), ()),
     "gnp": (penalties.gradient_norm, ("r", "alpha"),
             ("exact", "normalize_first", "group_size", "adaptive", "eta")),
-    "sam": (penalties.sam, ("rho",), ("group_size", "adaptive", "eta")),
+    "sam": (penalties.sam, ("rho", "probability"),
+            ("group_size", "adaptive", "eta")),
     "gnvr": (penalties.gradient_norm_variance, ("lam",), ("ddof", "method")),
     "gvr": (penalties.view_consistency, ("alpha",), ("wrt",)),
     "hessian": (penalties.hessian_frobenius, ("lam",), ("num_probes",)),
@@ -36,7 +37,8 @@ METHODS = {
 }
 # What each warm-up strategy ramps. SAM has only a radius, ρ, which is also
 # its strength, so every strategy ramps it. Per-example clipping has no
-# strength to ramp (`gnp.config` refuses a warm-up for it).
+# strength to ramp (`gnp.config` refuses a warm-up for it). RST's
+# probability is not a strength: it is never ramped.
 _RAMPED = {"r": {"r", "rho"}, "lambda": {"alpha", "lam", "rho"},
            "zero": {"alpha", "lam", "rho"}}
 

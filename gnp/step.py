@@ -12,6 +12,18 @@ through rounding — except for m-sharpness, where ``gnp.group_size`` /
 Per-step randomness is ``fold_in(state.rng, state.step)``, split into the
 augmentation's key and the loss's key (dropout, Hessian probes, GVR views).
 
+Gradient accumulation (``grad_accum_steps`` = k > 1): the regulariser gets
+``gnp.penalties.accumulate(loss_fn, k)``, which evaluates the batch in k
+microbatches of B/k examples in sequence, and computes the whole batch's
+step from it (`gnp.penalties.accumulation`), in the memory of a microbatch's
+activations. Two things depend on k: dropout masks (drawn per microbatch)
+and batch normalisation, which normalises each microbatch with its own
+statistics; the running statistics become the mean over the microbatches of
+each one's update, m s + (1 − m) mean_j μ_j for momentum m and microbatch
+statistics μ_j (for the means, the whole batch's; for the variances, the
+mean within-microbatch variance, which lacks the variance between the
+microbatches' means).
+
 Faults never cost a host round trip per step: the step itself refuses a
 non-finite update and records it in the state (`TrainState.nonfinite_step`),
 and the loop (`gnp.loop`) reads that record only where it syncs anyway.
@@ -29,6 +41,7 @@ import numpy as np
 import optax
 from optax import tree_utils as otu
 
+from gnp import penalties
 from gnp import regularizers
 
 
@@ -85,7 +98,9 @@ def make_loss_fn(model, batch_stats, *, l2=None) -> Callable:
   """``loss_fn(params, (x, y), key) -> (per-example losses, aux)``.
 
   ``l2`` (a float or a traced array; None = no term) adds
-  ``0.5 * l2 * ‖kernels‖²`` to every example's loss.
+  ``0.5 * l2 * ‖kernels‖²`` (kernels: the leaves with ndim > 1) to every
+  example's loss, declared with `gnp.penalties.with_l2` so that ghost norms
+  (GNVR, per-example clipping) keep applying to the model.
 
   Models with batch normalisation run in training mode and return their new
   statistics in ``aux``; the regularisers take ``aux`` from the unperturbed
@@ -106,18 +121,20 @@ def make_loss_fn(model, batch_stats, *, l2=None) -> Callable:
       logits, new_stats = model.apply(variables, x, train=True, rngs=rngs), {}
     logits = logits.astype(jnp.float32)
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    losses = cross_entropy
-    if l2 is not None:
-      kernels = [w for w in jax.tree.leaves(params) if w.ndim > 1]
-      losses = losses + 0.5 * l2 * otu.tree_norm(kernels, squared=True)
     aux = {
         "cross_entropy": cross_entropy,
         "correct": (jnp.argmax(logits, -1) == y).astype(jnp.float32),
         "batch_stats": new_stats,
     }
-    return losses, aux
+    return cross_entropy, aux
 
-  return loss_fn
+  if l2 is None:
+    return loss_fn
+  return penalties.with_l2(loss_fn, l2, mask=_kernels)
+
+
+def _kernels(params):
+  return jax.tree.map(lambda w: w.ndim > 1, params)
 
 
 # --- The step --------------------------------------------------------------
@@ -131,7 +148,7 @@ def _all_finite(tree) -> jax.Array:
 
 def train_step(state: TrainState, batch, *, model, make_tx, unit_schedule,
                regularizer, preprocess, augment, use_l2,
-               skip_nonfinite=False):
+               skip_nonfinite=False, grad_accum_steps=1):
   """One update of ``state`` on a global batch; returns (state, metrics).
 
   ``make_tx(schedule, weight_decay)`` builds the optax chain and
@@ -155,11 +172,17 @@ def train_step(state: TrainState, batch, *, model, make_tx, unit_schedule,
     decay included). ``param_norm``: ‖θ'‖ after the update.
   * ``learning_rate``: the rate this step applied; ``nonfinite``: 1 if the
     update was refused (below), else 0.
+  * ``sam_step``, with ``sam.probability`` (RST) only: 1 if this step took
+    SAM's gradient, 0 if the plain one; its mean is the fraction of SAM
+    steps.
 
   A NaN or Inf in the loss, the gradient, the new parameters or the batch
   statistics is never applied. With ``skip_nonfinite`` the step
   counts it and moves on to the next batch; otherwise it records the step in
   ``state.nonfinite_step`` and the state stays as it was from then on.
+
+  ``grad_accum_steps`` = k > 1 computes the step in k sequential
+  microbatches (module docstring); the metrics are the whole batch's.
   """
   hparams = state.hparams["optimizer"]
   # The schedule follows the step number, not optax's count: a step skipped
@@ -175,14 +198,20 @@ def train_step(state: TrainState, batch, *, model, make_tx, unit_schedule,
     x = augment(augment_key, x)
   loss_fn = make_loss_fn(model, state.batch_stats,
                          l2=hparams["l2"] if use_l2 else None)
+  if grad_accum_steps > 1:
+    loss_fn = penalties.accumulate(loss_fn, grad_accum_steps)
   grad_fn = regularizer.make(loss_fn, state.step,
                              state.hparams.get(regularizer.method, {}))
   (objective, aux), grads, stats = grad_fn.with_stats(
       state.params, (x, y), loss_key
   )
   batch_stats = aux["batch_stats"]
-  if regularizer.group_size is not None:  # m-sharpness: one pass per group.
-    batch_stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), batch_stats)
+  if regularizer.group_size is not None or grad_accum_steps > 1:
+    # One pass per m-sharpness group and per microbatch, stacked along the
+    # leading axes: the new running statistics are the passes' mean.
+    batch_stats = jax.tree.map(
+        lambda new, old: jnp.mean(new.reshape((-1,) + old.shape), axis=0),
+        batch_stats, state.batch_stats)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
@@ -198,6 +227,8 @@ def train_step(state: TrainState, batch, *, model, make_tx, unit_schedule,
   }
   if "grad_norm" in stats:
     metrics["grad_norm"] = stats["grad_norm"]
+  if "sam_step" in stats:  # RST: 1 on a SAM step, 0 on a plain one.
+    metrics["sam_step"] = stats["sam_step"]
   # The norms are computed for the metrics anyway, and a NaN or Inf anywhere
   # in the gradient or the new parameters makes them non-finite; a scan of
   # every leaf cost NGS ~15% of its step on the mnist1d MLP. The optimiser

@@ -9,8 +9,9 @@ The protocol every experiment of this field follows, as one command:
    space; each is trained for ``tuning.num_epochs`` with the study's seed and
    scored by ``objective`` (e.g. ``validation/accuracy``) at its last epoch,
    on the validation split held out of the training data — never the test
-   set. Trials are asked ``tuning.trials_at_once`` at a time and trained as
-   one vmapped population (`gnp.population`).
+   set. ``tuning.trials_at_once`` trials train at once as one vmapped
+   population (`gnp.population`), and as one ends (or the pruner stops it)
+   its row takes the next trial, asked with every result so far known.
 2. **Retrain.** The best setting of each arm is trained for
    ``final.num_epochs`` with ``final.num_seeds`` fresh seeds (the study's
    seed + 1, + 2, ...), again vmapped; every arm sees the same seeds, so arms
@@ -70,6 +71,7 @@ from gnp import loop
 from gnp import population
 from gnp import report
 from gnp import results as results_lib
+from gnp import step as step_lib
 from gnp import writers
 from gnp.data import pipeline
 from gnp.errors import NonFiniteError
@@ -83,6 +85,8 @@ from gnp.study_config import distribution
 from gnp.study_config import final_seeds
 from gnp.study_config import load_config
 from gnp.study_config import pruner
+from gnp.study_config import rungs
+from gnp.study_config import sample_point
 from gnp.study_config import smoke
 from gnp.study_config import tuning_seed
 from gnp.study_config import validate
@@ -96,9 +100,10 @@ def _train(study, configs, datasets, run_dirs, populations,
   """Histories of ``configs`` (``datasets[i]`` is config i's data): vmapped
   per structure, or one at a time.
 
-  ``populations`` caches the compiled `population.Population` by structure,
-  so that an arm's batches of trials compile once; structures this call
-  does not train are dropped (each holds its compiled programs).
+  ``populations`` caches the compiled `population.Population` by structure
+  for the whole study, so that an arm's trials and its final seeds, and
+  arms of one structure (a tuned arm and its reported setting), compile
+  once.
   ``should_stop(i, epoch, history)``, asked after every epoch of config i
   while it trains (vectorised only), stops it there when it returns True.
   """
@@ -111,8 +116,6 @@ def _train(study, configs, datasets, run_dirs, populations,
     key = json.dumps(population.structure(config), sort_keys=True,
                      default=str)
     groups[key].append(i)
-  for key in set(populations) - set(groups):
-    del populations[key]
   histories = [None] * len(configs)
   for key, members in groups.items():
     if key not in populations:
@@ -211,10 +214,14 @@ def tune(study, spec, workdir: str, dataset_of,
   """Runs the arm's remaining trials in every replicate; returns their
   Optuna studies, by replicate.
 
-  Each round asks every unfinished replicate for up to
-  ``tuning.trials_at_once`` trials and trains them all as one population
-  (per data, with ``tuning.independent_data``); ``dataset_of(replicate)``
-  gives a replicate's data.
+  ``dataset_of(replicate)`` gives a replicate's data. Where every trial
+  shares one compiled step (the search varies only traced
+  hyper-parameters), the trials of the replicates that share data train as
+  one stream (`population.Population.stream`): each replicate owns
+  ``tuning.trials_at_once`` rows, and a row whose trial ends, complete or
+  pruned, takes the replicate's next trial, asked with every result so far
+  known. Otherwise each round asks every unfinished replicate for up to
+  ``tuning.trials_at_once`` trials and trains them together.
   """
   storage = f"sqlite:///{os.path.join(workdir, 'study.db')}"
   replicates = range(study.tuning.replicates)
@@ -230,55 +237,160 @@ def tune(study, spec, workdir: str, dataset_of,
     probes.append(probe)
   distributions = {k: distribution(spec.name, k, v)
                    for k, v in config_lib.flatten(spec.search).items()}
-  while True:
-    asked = []  # (replicate, its Optuna study, trial)
-    for r in replicates:
-      done = len(_finished(probes[r].trials))
-      remaining = study.tuning.num_trials - done
-      if remaining <= 0:
-        continue
+  # Trials finished by replicate, counted here: reading them back from the
+  # database costs more the more there are.
+  finished = [len(_finished(probe.trials)) for probe in probes]
+  asking = {}  # Replicate -> (trials finished, the Optuna study asked).
+
+  def ask(r):
+    """Replicate r's next trial, from a sampler seeded by its results."""
+    done = finished[r]
+    if asking.get(r, (None,))[0] != done:
       probes[r] = _optuna_study(study, spec, storage, done, r)
-      asked += [(r, probes[r], probes[r].ask(distributions))
-                for _ in range(min(remaining, study.tuning.trials_at_once))]
+      asking[r] = (done, probes[r])
+    trial = probes[r].ask(distributions)
+    config = arm_config(study, spec, trial.params, seed=tuning_seed(study, r),
+                        num_epochs=study.tuning.num_epochs, replicate=r)
+    return (r, probes[r], trial), config
+
+  def tell(token, history, seconds):
+    outcome = _tell(study, token, history, seconds)
+    r, _, trial = token
+    finished[r] += 1
+    logging.info("%s: trial %d %s; %d/%d finished", replicate_name(spec, r),
+                 trial.number, outcome, finished[r], study.tuning.num_trials)
+
+  if study.vectorize and _streamable(study, spec):
+    by_data = collections.defaultdict(list)
+    for r in replicates:
+      by_data[id(dataset_of(r))].append(r)
+    for group in by_data.values():
+      _tune_stream(study, spec, group, finished, ask, tell,
+                   dataset_of(group[0]), populations)
+    return probes
+  while True:
+    asked = []  # ((replicate, its Optuna study, trial), config)
+    for r in replicates:
+      remaining = study.tuning.num_trials - finished[r]
+      asked += [ask(r) for _ in range(min(remaining,
+                                          study.tuning.trials_at_once))]
     if not asked:
       return probes
-    configs = [arm_config(study, spec, t.params, seed=tuning_seed(study, r),
-                          num_epochs=study.tuning.num_epochs, replicate=r)
-               for r, _, t in asked]
+    configs = [config for _, config in asked]
     run_dirs = [_run_dir(workdir, spec, r, f"trial_{t.number}")
-                for r, _, t in asked]
+                for (r, _, t), _ in asked]
 
     def should_stop(i, epoch, history):
-      trial = asked[i][2]
-      trial.report(history[study.objective][-1], epoch)
-      # A trial that trained to the end is complete, whatever its rung.
-      return epoch < study.tuning.num_epochs and trial.should_prune()
+      return _should_prune(study, asked[i][0][2], epoch, history)
 
     started = time.perf_counter()
-    histories = _train(study, configs, [dataset_of(r) for r, _, _ in asked],
+    histories = _train(study, configs,
+                       [dataset_of(r) for (r, _, _), _ in asked],
                        run_dirs, populations,
                        should_stop if study.tuning.pruner != "none" else None)
     seconds = (time.perf_counter() - started) / len(asked)
-    for (_, optuna_study, t), history in zip(asked, histories):
-      diverged = history.pop("diverged", None)
-      history.pop("diverged_epoch", None)
-      pruned = history.pop("stopped_epoch", None)
-      t.set_user_attr("history", history)
-      t.set_user_attr("train_time_s", seconds)
-      value = (history.get(study.objective) or [math.nan])[-1]
-      if pruned is not None and diverged is None:
-        optuna_study.tell(t, state=optuna.trial.TrialState.PRUNED)
-      elif math.isfinite(value) and diverged is None:
-        optuna_study.tell(t, value)
-      else:
-        t.set_user_attr("diverged", diverged or "non-finite objective")
-        optuna_study.tell(t, state=optuna.trial.TrialState.FAIL)
-    for r in sorted({r for r, _, _ in asked}):
-      best = _best(probes[r])
-      logging.info("%s: %d/%d trials, best %s = %s",
-                   replicate_name(spec, r), len(_finished(probes[r].trials)),
-                   study.tuning.num_trials, study.objective,
-                   best and f"{best.value:.4f} {best.params}")
+    for (token, _), history in zip(asked, histories):
+      tell(token, history, seconds)
+
+
+def _streamable(study, spec) -> bool:
+  """Whether every trial of ``spec`` compiles to the same step: its search
+  varies only traced hyper-parameters, and weight decay and L2 stay on or
+  off throughout."""
+  config = arm_config(study, spec, sample_point(spec), seed=study.seed,
+                      num_epochs=study.tuning.num_epochs)
+  traced = set(step_lib.hyperparameter_keys(config))
+  for key, value in config_lib.flatten(spec.search).items():
+    if key not in traced:
+      return False
+    if key in ("optimizer.weight_decay", "optimizer.l2"):
+      low = distribution(spec.name, key, value)
+      if not getattr(low, "low", 0) > 0:
+        return False
+  return True
+
+
+def _tune_stream(study, spec, group, finished, ask, tell, dataset,
+                 populations):
+  """The trials of replicates ``group`` (one dataset) as one stream;
+  ``finished[r]`` counts replicate r's finished trials, which ``ask(r)``
+  and ``tell`` (`tune`'s) add to."""
+  per = study.tuning.trials_at_once
+  running = {}  # (replicate, trial number) -> what `ask` gave.
+  seconds = collections.defaultdict(float)  # Its share of the wall time.
+
+  def source(row):
+    r = group[row // per]
+    remaining = (study.tuning.num_trials - finished[r]
+                 - sum(key[0] == r for key in running))
+    if remaining <= 0:
+      return None
+    asked, config = ask(r)
+    key = (r, asked[2].number)
+    running[key] = asked
+    return key, config
+
+  clock = [time.perf_counter()]
+
+  def stop(going):
+    # Each epoch's wall time, shared by the trials that trained it.
+    now = time.perf_counter()
+    for key in going:
+      seconds[key] += (now - clock[0]) / len(going)
+    clock[0] = now
+    if study.tuning.pruner == "none":
+      return None
+    return [key for key, history in going.items()
+            if _should_prune(study, running[key][2], len(history["epoch"]),
+                             history)]
+
+  if all(finished[r] >= study.tuning.num_trials for r in group):
+    return
+  # A config of the arm's structure, which every trial shares.
+  first = arm_config(study, spec, sample_point(spec),
+                     seed=tuning_seed(study, group[0]),
+                     num_epochs=study.tuning.num_epochs, replicate=group[0])
+  structure = json.dumps(population.structure(first), sort_keys=True,
+                         default=str)
+  if structure not in populations:
+    populations[structure] = population.Population(first, dataset)
+  runs = populations[structure].stream(source, slots=per * len(group),
+                                       stop=stop, splits=("validation",))
+  for key, history, _ in runs:
+    tell(running.pop(key), history, seconds.pop(key))
+
+
+def _should_prune(study, trial, epoch, history) -> bool:
+  """Whether the pruner stops the trial after ``epoch``. At its rungs
+  (`study_config.rungs`) the trial reports its objective and the pruner
+  decides; elsewhere it would prune nothing, and each report and decision
+  is a round trip to the database (~25 ms here). A trial that trained to
+  the end is complete, whatever its rung."""
+  if epoch not in rungs(study):
+    return False
+  trial.report(history[study.objective][-1], epoch)
+  return trial.should_prune()
+
+
+def _tell(study, token, history, seconds) -> str:
+  """Tells Optuna how ``token``'s trial ended: complete, pruned or failed;
+  returns which, for the log."""
+  _, optuna_study, t = token
+  diverged = history.pop("diverged", None)
+  history.pop("diverged_epoch", None)
+  pruned = history.pop("stopped_epoch", None)
+  t.set_user_attr("history", history)
+  t.set_user_attr("train_time_s", seconds)
+  value = (history.get(study.objective) or [math.nan])[-1]
+  if pruned is not None and diverged is None:
+    optuna_study.tell(t, state=optuna.trial.TrialState.PRUNED)
+    return f"pruned after epoch {pruned} ({value:.4f})"
+  if math.isfinite(value) and diverged is None:
+    optuna_study.tell(t, value)
+    return f"complete: {value:.4f}"
+  t.set_user_attr("diverged", diverged or "non-finite objective")
+  optuna_study.tell(t, state=optuna.trial.TrialState.FAIL)
+  return "failed: " + (diverged or "non-finite objective")
 
 
 def _best(optuna_study):
@@ -355,14 +467,21 @@ def check_workdir(study: ml_collections.ConfigDict, workdir: str) -> None:
     return
   with open(path) as f:
     stored = json.load(f)
-  changed = list(config_lib.differences(
-      stored, json.loads(study.to_json_best_effort()), ignore=RESUMABLE_KEYS))
+  current = json.loads(study.to_json_best_effort())
+  # Arms may be appended: the stored arms keep their places, and with them
+  # their sampler seeds (`_optuna_study`), trials and final runs.
+  if (len(current.get("arms", [])) > len(stored.get("arms", []))
+      and current["arms"][:len(stored["arms"])] == stored["arms"]):
+    current["arms"] = current["arms"][:len(stored["arms"])]
+  changed = list(config_lib.differences(stored, current,
+                                        ignore=RESUMABLE_KEYS))
   if changed:
     raise UserError(
         f"workdir {workdir} holds another study (it differs in"
         f" {', '.join(changed[:3])}{' and more' if len(changed) > 3 else ''});"
         " use a new --workdir, or the same study to resume (only"
-        f" {', '.join(RESUMABLE_KEYS)} may change).")
+        f" {', '.join(RESUMABLE_KEYS)} may change, and arms may be added"
+        " after the last).")
 
 
 def run(study: ml_collections.ConfigDict, workdir: str) -> dict:

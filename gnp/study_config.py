@@ -64,7 +64,8 @@ def default_study() -> ml_collections.ConfigDict:
   c.tuning = ml_collections.ConfigDict()
   c.tuning.num_trials = 20  # Optuna trials per tuned arm.
   c.tuning.num_epochs = 30  # Each trial's training length.
-  c.tuning.trials_at_once = 5  # Asked together, trained as one population.
+  # Trials training at once (rows of one vmapped population, per replicate).
+  c.tuning.trials_at_once = 5
   c.tuning.startup_trials = 10  # Random trials before TPE takes over.
   # Independent repeats of the whole tune -> retrain pipeline: replicate r
   # has its own sampler seed, tuning seed (seed + 1000 r) and retraining
@@ -78,7 +79,7 @@ def default_study() -> ml_collections.ConfigDict:
   # asynchronous successive halving): at epochs min_epochs · factor^k a
   # trial goes on only if its objective is in the best 1/factor of the
   # trials of its arm and replicate that reached that epoch; the others
-  # stop there (PRUNED) and their population shrinks.
+  # stop there (PRUNED) and their rows take the next trials.
   c.tuning.pruner = "none"
   c.tuning.pruner_min_epochs = 5
   c.tuning.pruner_factor = 3
@@ -156,6 +157,19 @@ def pruner(study: ml_collections.ConfigDict) -> optuna.pruners.BasePruner:
         min_resource=study.tuning.pruner_min_epochs,
         reduction_factor=study.tuning.pruner_factor)
   return optuna.pruners.NopPruner()
+
+
+def rungs(study: ml_collections.ConfigDict) -> frozenset[int]:
+  """The epochs, short of the last, after which the pruner decides: for
+  "halving", min_epochs · factor^k. Between them Optuna's successive
+  halving prunes nothing, so a trial reports its objective only there."""
+  epochs = set()
+  if study.tuning.pruner == "halving":
+    epoch = study.tuning.pruner_min_epochs
+    while epoch < study.tuning.num_epochs:
+      epochs.add(epoch)
+      epoch *= study.tuning.pruner_factor
+  return frozenset(epochs)
 
 
 def validate(study: ml_collections.ConfigDict) -> None:

@@ -120,9 +120,64 @@ GPU_RESNET = {"backend": "gpu", "batch_size": 128, "dtype": "bfloat16",
     ("mlp", "clip_ghost", CPU_MLP, _row(ratio=2.2), True),
     ("mlp", "clip_ghost", CPU_MLP, _row(ratio=2.21), False),
     ("mlp", "asam", CPU_MLP, _row(ratio=9.0), None),  # No target.
+    ("mlp", "rst", CPU_MLP, _row(ratio=1.15), True),
+    ("mlp", "rst", CPU_MLP, _row(ratio=1.16), False),
+    ("resnet18", "rst", GPU_RESNET, _row(ratio=1.1), True),
+    ("resnet18", "rst", CPU_MLP, _row(ratio=1.1), None),
 ])
 def test_target_verdicts(model, method, setting, row, met):
   assert bench._judge(model, method, row, setting)["met"] is met
+
+
+def test_expected_cost_of_a_randomized_row_by_hand():
+  # Rounds of 2 steps. Plain: rounds at 1.0 and 2.0 ms (a slower machine
+  # in the second). RST: plain-branch steps of 1.0 and 2.4 ms, SAM-branch
+  # steps of 2.0 (first round) and 3.0 ms (second), and an outlier of 9.0 ms
+  # in a third round where plain took 1.0 ms.
+  plain_s = [1.0e-3, 1.0e-3, 2.0e-3, 2.0e-3, 1.0e-3, 1.0e-3]
+  times_s = [1.0e-3, 2.0e-3, 2.4e-3, 3.0e-3, 9.0e-3, 1.0e-3]
+  sam_steps = [0.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+  cost = bench._expected_cost(times_s, sam_steps, plain_s, block=2)
+  assert cost["sam_fraction"] == pytest.approx(0.5)
+  # Absolute: medians 3.0 ms (SAM branch) and 1.0 ms (plain branch).
+  assert cost["sam_branch_ms"] == pytest.approx(3.0)
+  assert cost["plain_branch_ms"] == pytest.approx(1.0)
+  assert cost["expected_ms"] == pytest.approx(2.0)
+  # Each step over its round's plain median: SAM 2.0, 1.5, 9.0 -> 2.0;
+  # plain 1.0, 1.2, 1.0 -> 1.0; 0.5 × 2.0 + 0.5 × 1.0.
+  assert cost["ratio"] == pytest.approx(1.5)
+  # At the configured probability rather than the fraction timed:
+  # 0.1 × 3.0 + 0.9 × 1.0 ms and 0.1 × 2.0 + 0.9 × 1.0.
+  at_p = bench._expected_cost(times_s, sam_steps, plain_s, block=2,
+                              probability=0.1)
+  assert at_p["sam_fraction"] == pytest.approx(0.5)
+  assert at_p["expected_ms"] == pytest.approx(1.2)
+  assert at_p["ratio"] == pytest.approx(1.1)
+  # A branch never taken weighs nothing.
+  only_plain = bench._expected_cost([1e-3, 3e-3, 2e-3], [0.0, 0.0, 0.0],
+                                    [1e-3, 1e-3, 1e-3], block=1)
+  assert only_plain["sam_branch_ms"] is None
+  assert only_plain["expected_ms"] == pytest.approx(2.0)
+  assert only_plain["ratio"] == pytest.approx(2.0)
+
+
+def test_a_randomized_row_reports_its_expected_cost(tmp_path):
+  results = bench.run(models=("mlp",), methods=("rst",), repeats=8,
+                      warmup=1, block=2, out=str(tmp_path), smoke=True,
+                      command="test")
+  plain, rst = results["models"][0]["rows"]
+  assert "expected_ms" not in plain
+  # One branch record per timed step: the fraction is a multiple of 1/8.
+  assert rst["sam_fraction"] * 8 == pytest.approx(round(rst["sam_fraction"] * 8))
+  assert rst["sam_probability"] == 0.1  # The row's configured p.
+  assert rst["ratio"] == pytest.approx(bench._expected_cost(
+      np.array(rst["times_ms"]) / 1e3, rst["sam_steps"],
+      np.array(plain["times_ms"]) / 1e3, block=2, probability=0.1)["ratio"],
+                                       rel=1e-3)
+  assert rst["ratio_q25"] is None and rst["target"] == "≤ 1.15× plain"
+  markdown = open(tmp_path / "bench.md").read()
+  assert f"| {rst['ratio']:.2f}× (expected) |" in markdown
+  assert f"{rst['label']}: {rst['sam_fraction']:.1%} of its timed" in markdown
 
 
 def test_a_refused_method_is_na_with_its_reason():

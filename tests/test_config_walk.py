@@ -119,6 +119,7 @@ WALK = {
         "method": (STRING, {}),
         "regularizer_warmup": (STRING, {}),
         "batch_size": (INT, {}),
+        "grad_accum_steps": (INT, {}),
         "num_epochs": (INT, {}),
         "num_steps": (INT, {}),
         "eval_batch_size": (INT, {}),
@@ -170,6 +171,8 @@ WALK = {
         "sam.rho": (FLOAT, {ZERO: TRAINS, HUGE_FLOAT: DIVERGES}),
         "sam.group_size": (INT, {}),
         "sam.adaptive": (BOOLEAN, {ZERO: TRAINS}),
+        # RST's probability is in (0, 1]: none of these values is.
+        "sam.probability": (FLOAT, {}),
     }),
     "asam": ({"method": "sam", "sam.adaptive": "True"}, {
         "sam.eta": (FLOAT, {ZERO: TRAINS, HUGE_FLOAT: DIVERGES}),

@@ -80,6 +80,8 @@ BAD = {
                              "validation_size"),
     "group size": (["--config.method=sam", "--config.sam.group_size=7"],
                    "group_size=7 does not divide"),
+    "microbatches": (["--config.grad_accum_steps=7"],
+                     "grad_accum_steps=7 does not divide batch_size=100."),
     "unknown variant": (["--config=configs/mnist1d.py:bogus"], "bogus"),
     "missing config file": (["--config=configs/nothere.py"], "nothere.py"),
     "bad value type": (["--config.batch_size=ten"], "batch_size=ten"),

@@ -36,6 +36,8 @@ def _single_run(config, workdir):
     ("plain", {"optimizer.learning_rate": (1e-3, 3e-3),
                "optimizer.weight_decay": (1e-2, 1e-4)}),
     ("gnvr", {"gnvr.lam": (0.0, 0.05)}),  # ghost norms under vmap
+    # ... with each member's L2 term in them (`penalties.with_l2`).
+    ("gnvr", {"gnvr.lam": (0.05, 0.02), "optimizer.l2": (1e-2, 1e-3)}),
 ])
 def test_population_equals_separate_single_runs(tmp_path, method, varied):
   configs = [
@@ -98,8 +100,7 @@ def test_structure_ignores_seed_and_hyperparameters():
 # cut short for the stopped members.
 
 _LEARNING_RATES = (1e-3, 2e-3, 3e-3, 1e-3, 5e-4)
-# Epoch -> members stopped after it: the stack shrinks to four rows, keeps
-# them for three survivors (member 1's row trains on, unread), then two.
+# Epoch -> members stopped after it; their rows train on, unread.
 _STOPS = {1: [4], 2: [1], 3: [2]}
 _EPOCHS = 4
 
@@ -201,11 +202,11 @@ def test_stopped_members_keep_their_history_and_state(straight, stopped):
                                                          [4, 2, 3, 4, 1]))
 
 
-def test_a_shrunk_population_steps_only_its_survivors(stopped):
+def test_stopping_members_never_changes_the_stack(pop, stopped):
   _, _, epochs, _ = stopped
-  # Shrinking to three survivors would recompile for a size no other
-  # shrink of five needs: they stay in four rows (`_stack_size`).
-  assert [rows for rows, _ in epochs] == [5, 4, 4, 2]
+  # One stack size, so one compiled epoch, however members stop.
+  assert [rows for rows, _ in epochs] == [5, 5, 5, 5]
+  assert pop._run_epoch._cache_size() == 1  # pylint: disable=protected-access
 
 
 def test_on_epoch_sees_every_members_history(stopped):
@@ -219,18 +220,10 @@ def test_training_ends_once_every_member_stopped(pop):
   histories, states, epochs = _train_recording(
       pop, _five(), _stopping({1: [2], 2: [4, 0, 1, 3]}, calls))
   assert [epoch for epoch, _ in calls] == [1, 2]
-  assert [rows for rows, _ in epochs] == [5, 4]
+  assert [rows for rows, _ in epochs] == [5, 5]
   assert [h["stopped_epoch"] for h in histories] == [2, 2, 1, 2, 2]
   assert [len(h["epoch"]) for h in histories] == [2, 2, 1, 2, 2]
   assert states.step.shape[0] == 5
-
-
-@pytest.mark.parametrize("survivors,size,rows", [
-    (17, 20, 20), (16, 20, 16), (9, 20, 16), (5, 16, 8), (3, 5, 4),
-    (2, 4, 2), (1, 8, 1), (3, 4, 4)])
-def test_the_stack_shrinks_through_powers_of_two(survivors, size, rows):
-  stack_size = population._stack_size  # pylint: disable=protected-access
-  assert stack_size(survivors, size) == rows
 
 
 def test_divergence_is_reported_for_stopped_members_and_survivors(pop):
@@ -238,12 +231,10 @@ def test_divergence_is_reported_for_stopped_members_and_survivors(pop):
   configs = _five((1e-3, 1e8, 300.0, 300.0, 1e8))
   reference, reference_states = pop.train(configs)
   assert [h.get("diverged_epoch") for h in reference] == [None, 1, 2, 2, 1]
-  # Member 1 stops after it diverged, member 3 before it would have; in the
-  # four rows left (0, 2, 4 and a spare) member 4 stays diverged and member
-  # 2 diverges.
-  histories, states, epochs = _train_recording(pop, configs,
-                                               _stopping({1: [3, 1]}))
-  assert [rows for rows, _ in epochs] == [5, 4, 4, 4]
+  # Member 1 stops after it diverged, member 3 before it would have;
+  # member 4 stays diverged and member 2 diverges.
+  histories, states, _ = _train_recording(pop, configs,
+                                          _stopping({1: [3, 1]}))
   for m in (1, 2, 4):
     assert histories[m]["diverged"] == reference[m]["diverged"]
     assert histories[m]["diverged_epoch"] == reference[m]["diverged_epoch"]
@@ -269,3 +260,51 @@ def test_divergence_is_reported_for_stopped_members_and_survivors(pop):
 def test_bad_on_epoch_results_are_refused(pop, plan, message):
   with pytest.raises(ValueError, match=message):
     pop.train(_five(), on_epoch=_stopping(plan))
+
+
+# --- Streams: rows that take a new run as one ends --------------------------
+
+
+def test_a_stream_trains_each_run_as_alone_in_rows_it_refills(pop, straight):
+  """Five runs through two rows, one pruned: each is its straight self."""
+  reference, _, _ = straight
+  configs = _five()
+  calls, pending = [], list(range(5))
+
+  def source(row):
+    calls.append(("ask", row))
+    return (pending[0], configs[pending.pop(0)]) if pending else None
+
+  def stop(going):
+    calls.append(("stop", sorted(going)))
+    return [1] if going.get(1, {"epoch": []})["epoch"] == [1, 2] else None
+
+  compiled = pop._run_epoch._cache_size()  # pylint: disable=protected-access
+  ended = []
+  for token, history, row in pop.stream(source, slots=2, stop=stop):
+    calls.append(("ended", token, row))
+    ended.append(token)
+    epochs = history.get("stopped_epoch", _EPOCHS)
+    _assert_histories_close(history, reference[token], epochs)
+    assert pop._states.step.shape[0] == 2  # pylint: disable=protected-access
+  assert ended == [1, 0, 2, 3, 4]
+  assert calls[:2] == [("ask", 0), ("ask", 1)]
+  # Run 1 is pruned after its second epoch; its row asks only after the
+  # stream reported it, and run 2 starts there while run 0 goes on.
+  assert calls[2:7] == [("stop", [0, 1]), ("stop", [0, 1]), ("ended", 1, 1),
+                        ("ask", 1), ("stop", [0, 2])]
+  # Rows that find the source empty train on, unread, until none is left.
+  assert calls[-2:] == [("ended", 4, 1), ("ask", 1)]
+  # One more compiled epoch, for two rows, however the rows refilled.
+  assert pop._run_epoch._cache_size() == compiled + 1  # pylint: disable=protected-access
+
+
+def test_a_stream_evaluates_only_the_splits_asked(pop):
+  config = _five()[0]
+  queue = iter([(0, config)])
+  runs = list(pop.stream(lambda row: next(queue, None), slots=1,
+                         splits=("validation",)))
+  (token, history, _), = runs
+  assert token == 0
+  assert "validation/accuracy" in history
+  assert not any(key.startswith("test/") for key in history)

@@ -102,6 +102,7 @@ def test_a_finished_study_is_not_retrained(finished, monkeypatch):
     raise AssertionError("a finished study trained again")
 
   monkeypatch.setattr(study.population.Population, "train", refuse)
+  monkeypatch.setattr(study.population.Population, "stream", refuse)
   again = study.run(tiny_study(), workdir)
   assert again["arms"] == results["arms"]
 
@@ -117,7 +118,18 @@ def test_replicates_extend_a_finished_study(finished, tmp_path, monkeypatch):
     trained.extend(c.seed for c in configs)
     return train(self, configs, **kwargs)
 
+  stream = study.population.Population.stream
+
+  def recording_stream(self, source, **kwargs):
+    def asked(row):
+      run = source(row)
+      if run is not None:
+        trained.append(run[1].seed)
+      return run
+    yield from stream(self, asked, **kwargs)
+
   monkeypatch.setattr(study.population.Population, "train", recording)
+  monkeypatch.setattr(study.population.Population, "stream", recording_stream)
   replicated = study.run(tiny_study(**{"tuning.replicates": 2}), copy)
   # Replicate 0 is the finished study, kept; only replicate 1 trained: its
   # tuning runs with seed 1000 and its final runs with fresh seeds.
@@ -294,10 +306,15 @@ def test_sequential_study_equals_the_vectorised_one(tmp_path):
   # The same seeded sampler proposes the same trials.
   assert [t["params"] for t in vectorised["trials"]] == [
       t["params"] for t in sequential["trials"]]
-  for a, b in zip(vectorised["trials"] + vectorised["seeds"],
-                  sequential["trials"] + sequential["seeds"]):
-    for key in ("train/cross_entropy", "train/penalty", "validation/accuracy",
-                "test/accuracy", "test/loss"):
+  keys = ("train/cross_entropy", "train/penalty", "validation/accuracy")
+  for a, b in zip(vectorised["trials"], sequential["trials"]):
+    # Tuning never reads the test set; the vectorised trials skip it.
+    assert not any(key.startswith("test/") for key in a["history"])
+    for key in keys:
+      np.testing.assert_allclose(a["history"][key], b["history"][key],
+                                 rtol=1e-4, atol=1e-5, err_msg=key)
+  for a, b in zip(vectorised["seeds"], sequential["seeds"]):
+    for key in (*keys, "test/accuracy", "test/loss"):
       np.testing.assert_allclose(a["history"][key], b["history"][key],
                                  rtol=1e-4, atol=1e-5, err_msg=key)
 
@@ -344,6 +361,37 @@ def test_a_workdir_refuses_another_study(finished):
   assert sorted(os.listdir(workdir)) == before
 
 
+def test_an_arm_appended_to_a_finished_study_trains_alone(finished, tmp_path,
+                                                         monkeypatch):
+  workdir, results = finished
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  config = tiny_study()
+  config.arms = (*config.arms, study.arm(
+      "fixed", "plain at one setting", overrides={
+          "optimizer.learning_rate": 3e-3}))
+  trained = []
+  train = study.population.Population.train
+
+  def recording(self, configs, **kwargs):
+    trained.extend(c.optimizer.learning_rate for c in configs)
+    return train(self, configs, **kwargs)
+
+  monkeypatch.setattr(study.population.Population, "train", recording)
+  extended = study.run(config, copy)
+  assert trained == [3e-3] * 2  # Its two seeds; nothing else trained.
+  assert extended["arms"][:2] == results["arms"]
+  assert extended["arms"][2]["name"] == "fixed"
+  # Arms reordered, or one dropped, are another study.
+  with pytest.raises(UserError, match="holds another study"):
+    study.run(_reordered(tiny_study()), copy)
+
+
+def _reordered(config):
+  config.arms = tuple(reversed(config.arms))
+  return config
+
+
 def test_a_pruned_study_trains_fewer_epochs_and_says_so(tmp_path):
   settings = {"tuning.num_trials": 6, "tuning.trials_at_once": 3,
               "tuning.num_epochs": 4, "tuning.pruner_min_epochs": 1,
@@ -387,3 +435,37 @@ def test_a_pruned_study_trains_fewer_epochs_and_says_so(tmp_path):
   assert f"Tuning trained {epochs} epochs of the 24 an unpruned study" in table
   assert "Trials completed/pruned/failed:" in table
   assert "pruned" not in open(tmp_path / "full" / "table.md").read()
+
+
+def test_a_streamed_study_equals_one_trained_in_batches(tmp_path, monkeypatch):
+  """Without pruning, a stream's rows refill together: the batches of old."""
+  config = tiny_study(**{"tuning.num_trials": 3, "tuning.trials_at_once": 2,
+                         "tuning.num_epochs": 1, "final.num_seeds": 1,
+                         "final.num_epochs": 1})
+  config.arms = config.arms[1:]
+  streamed = study.run(config, str(tmp_path / "stream"))["arms"][0]
+  monkeypatch.setattr(study, "_streamable", lambda *args: False)
+  batched = study.run(config, str(tmp_path / "batch"))["arms"][0]
+  assert [t["params"] for t in streamed["trials"]] == [
+      t["params"] for t in batched["trials"]]
+  for a, b in zip(streamed["trials"], batched["trials"]):
+    np.testing.assert_allclose(a["value"], b["value"], rtol=1e-5)
+    np.testing.assert_allclose(a["history"]["train/cross_entropy"],
+                               b["history"]["train/cross_entropy"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("settings,expected", [
+    ({"tuning.pruner": "halving"}, {5, 15}),  # 30 epochs, 5 · 3^k.
+    ({"tuning.pruner": "halving", "tuning.num_epochs": 45}, {5, 15}),
+    ({"tuning.pruner": "halving", "tuning.num_epochs": 46}, {5, 15, 45}),
+    ({"tuning.pruner": "halving", "tuning.pruner_min_epochs": 1,
+      "tuning.pruner_factor": 2, "tuning.num_epochs": 4}, {1, 2}),
+    ({"tuning.pruner": "none"}, set()),
+])
+def test_trials_report_only_where_the_pruner_decides(settings, expected):
+  config = study.default_study()
+  config.tuning.num_epochs = 30
+  for key, value in settings.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  assert study.rungs(config) == expected

@@ -21,10 +21,24 @@ and per-example clipping's ``max_norm`` / ``outlier_mads``) may be traced
 scalars: build the gradient function inside the jitted step from
 the step's schedule values and nothing recompiles.
 
+An L2 term that every example's loss shares is best declared with
+``with_l2(loss_fn, l2, mask=...)`` rather than written into ``loss_fn``:
+every regulariser takes the result as a loss function, and ghost norms
+(GNVR, per-example clipping) still apply to it.
+
+Gradient accumulation: ``accumulate(loss_fn, k)`` is a loss function that
+evaluates a batch in k microbatches, one after the other; every regulariser
+here computes its whole-batch step from it, in less memory
+(`gnp.penalties.accumulation`).
+
 The mathematics of each method is in its module's docstring.
 """
 
 from gnp.penalties._base import GradientFn
+from gnp.penalties._base import WithL2
+from gnp.penalties._base import with_l2
+from gnp.penalties.accumulation import AccumulatedLoss
+from gnp.penalties.accumulation import accumulate
 from gnp.penalties.clipping import per_example_clipping
 from gnp.penalties.gradient_norm import gradient_norm
 from gnp.penalties.gradient_norm_variance import gradient_norm_variance
@@ -35,7 +49,10 @@ from gnp.penalties.view_consistency import last_layer
 from gnp.penalties.view_consistency import view_consistency
 
 __all__ = [
+    "AccumulatedLoss",
     "GradientFn",
+    "WithL2",
+    "accumulate",
     "gradient_norm",
     "gradient_norm_variance",
     "hessian_frobenius",
@@ -44,4 +61,5 @@ __all__ = [
     "plain",
     "sam",
     "view_consistency",
+    "with_l2",
 ]

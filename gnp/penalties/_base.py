@@ -7,7 +7,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from optax import tree_utils as otu
+
+from gnp import _checks
 
 Params = Any
 Batch = Any
@@ -50,6 +53,81 @@ class GradientFn:
 
   def __repr__(self) -> str:
     return f"GradientFn({self.name})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WithL2:
+  """A loss function with an L2 term that every example shares; `with_l2`."""
+
+  loss_fn: LossFn  # The per-example losses without the term.
+  l2: jax.typing.ArrayLike
+  mask: Any = None  # None, a tree of bools like params, or params -> one.
+
+  def in_term(self, params: Params) -> list[bool]:
+    """Per leaf of ``params`` (``jax.tree.leaves`` order): is it in K?"""
+    leaves = jax.tree.leaves(params)
+    mask = self.mask(params) if callable(self.mask) else self.mask
+    if mask is None:
+      return [True] * len(leaves)
+    if jax.tree.structure(mask) != jax.tree.structure(params):
+      raise ValueError(
+          "with_l2's mask must have the structure of params; got "
+          f"{jax.tree.structure(mask)} for {jax.tree.structure(params)}.")
+    flags = jax.tree.leaves(mask)
+    if not all(isinstance(flag, (bool, np.bool_)) for flag in flags):
+      raise ValueError("with_l2's mask must hold Python bools (which leaves "
+                       f"the term covers), got {flags}.")
+    return [bool(flag) for flag in flags]
+
+  def weights(self, params: Params) -> list[jax.Array]:
+    """The leaves θ_K that the term covers."""
+    return [leaf for leaf, used in zip(jax.tree.leaves(params),
+                                       self.in_term(params)) if used]
+
+  def term(self, params: Params) -> jax.Array:
+    """½ · l2 · ‖θ_K‖², the scalar each example's loss gets."""
+    return 0.5 * self.l2 * otu.tree_norm(self.weights(params), squared=True)
+
+  def __call__(self, params: Params, batch: Batch, key=None):
+    losses, aux = self.loss_fn(params, batch, key)
+    return losses + self.term(params), aux
+
+
+def with_l2(loss_fn: LossFn, l2: jax.typing.ArrayLike, *,
+            mask=None) -> WithL2:
+  """``loss_fn`` with ½ · l2 · ‖θ_K‖² added to every example's loss.
+
+  The same for every example, so example i's gradient is ∇ℓ_i + l2 · θ_K
+  (θ_K: θ on the leaves the term covers, 0 elsewhere). Every regulariser
+  takes the result as a loss function like any other; declared this way,
+  rather than written into ``loss_fn``, the term keeps ghost norms
+  (`gnp.penalties.ghost`) available, which add its part to each n_i
+  analytically:
+
+      ‖∇ℓ_i + l2 · θ_K‖² = ‖∇ℓ_i‖² + 2 l2 ⟨∇ℓ_i, θ_K⟩ + l2² ‖θ_K‖².
+
+  Args:
+    loss_fn: ``loss_fn(params, batch, key) -> (losses, aux)`` without the
+      term.
+    l2: the coefficient (≥ 0); may be a traced scalar.
+    mask: which leaves the term covers, as in optax (``add_decayed_weights``):
+      a tree of Python bools with the structure of ``params``, or a function
+      ``params -> such a tree``; None covers every leaf.
+
+  Returns:
+    The loss function, a `WithL2`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, gnp
+    >>> loss_fn = lambda w, x, key: (jnp.sin(x @ w["kernel"]), None)
+    >>> regularised = gnp.penalties.with_l2(loss_fn, 0.5)
+    >>> params, x = {"kernel": jnp.ones(2)}, jnp.eye(2)
+    >>> regularised.term(params)  # ½ · 0.5 · ‖θ‖², added to each ℓ_i
+    Array(0.5, dtype=float32)
+    >>> grad_fn = gnp.penalties.gradient_norm_variance(regularised, lam=0.1)
+  """
+  _checks.check_nonnegative("l2", l2)
+  return WithL2(loss_fn, l2, mask)
 
 
 def mean_loss_fn(loss_fn: LossFn, batch: Batch, key) -> Callable:

@@ -37,7 +37,10 @@ How, by ``method``:
   a dense or convolution kernel or an additive bias), then a second backward
   pass through the same forward pass,
   of Σ_i c_i ℓ_i / B with the c_i constant: ∇ of it is the update. No
-  per-example gradient of the whole model is formed.
+  per-example gradient of the whole model is formed. An L2 term declared
+  with `gnp.penalties.with_l2` keeps this path; it is part of every ℓ_i, so
+  each example's l2 θ_K enters its n_i and is clipped with it: update =
+  (1/B) Σ_i c_i (∇ℓ_i + l2 θ_K), as with ``"vmap"``.
 * ``"vmap"``: per-example gradients with ``jax.vmap(jax.grad(ℓ))`` (ℓ calls
   ``loss_fn`` on a batch of one with the step's key), clipped and averaged
   directly. Any model, but B gradients in memory; layers that mix examples
@@ -46,6 +49,13 @@ How, by ``method``:
   come from one batched call.
 * ``"auto"`` (default): ``"ghost"`` where it applies, else ``"vmap"``,
   decided when the gradient function is traced (as GNVR's ``auto``).
+
+Gradient accumulation (``loss_fn`` an `accumulation.AccumulatedLoss` of k
+microbatches): the update is a sum over examples, so each microbatch
+contributes (1/B) Σ_{i ∈ j} c_i ∇ℓ_i, computed as above with the loss the
+accumulated one wraps, and the update is the whole batch's. A fixed τ needs
+nothing else; the robust τ needs the whole batch's median and MAD, so a
+first pass computes every n_i, one microbatch at a time, then τ.
 
 Statistics: ``penalty`` is the fraction of the batch that was clipped
 (n_i > τ) — there is no penalty term; this is what a researcher watches —,
@@ -65,6 +75,7 @@ import jax.numpy as jnp
 
 from gnp import _checks
 from gnp.penalties import _base
+from gnp.penalties import accumulation
 from gnp.penalties import ghost
 
 # MAD × 1.4826 estimates the standard deviation of normally distributed data.
@@ -206,6 +217,8 @@ def per_example_clipping(
   path = _PATHS[method]
 
   def body(params, batch, key):
+    if isinstance(loss_fn, accumulation.AccumulatedLoss):
+      return accumulated(params, batch, key)
     losses, aux, norms, pullback = path(loss_fn, params, batch, key)
     if jnp.ndim(losses) != 1:
       raise ValueError(
@@ -222,6 +235,34 @@ def per_example_clipping(
         "threshold": tau,
         "mean_example_grad_norm": jnp.mean(norms),
     }
+    return loss, aux, grads, jax.lax.stop_gradient(stats)
+
+  def accumulated(params, batch, key):
+    # Microbatch by microbatch with the wrapped loss (module docstring).
+    size, inner = _base.batch_size(batch), loss_fn.loss_fn
+    tau = None  # A fixed τ: `threshold` casts it to the norms' dtype.
+    if outlier_mads is not None:
+      _, norms = loss_fn.sequential(
+          lambda b, k: ((), path(inner, params, b, k)[2]), batch, key)
+      tau = threshold(jax.lax.stop_gradient(norms).reshape(-1),
+                      outlier_mads=outlier_mads)
+
+    def microbatch(b, k):
+      losses, aux, norms, pullback = path(inner, params, b, k)
+      norms = jax.lax.stop_gradient(norms)
+      fixed = threshold(norms, max_norm=max_norm) if tau is None else tau
+      factors = clip_factors(norms, fixed)
+      grads = pullback((factors / size).astype(losses.dtype))
+      sums = (jnp.sum(losses), jnp.sum((norms > fixed).astype(norms.dtype)),
+              jnp.sum(norms))
+      return (grads, sums), aux
+
+    (grads, (loss, clipped, norm)), aux = loss_fn.sequential(
+        microbatch, batch, key)
+    loss, clipped, norm = loss / size, clipped / size, norm / size
+    tau = threshold(norm, max_norm=max_norm) if tau is None else tau
+    stats = {"task_loss": loss, "penalty": clipped, "threshold": tau,
+             "mean_example_grad_norm": norm}
     return loss, aux, grads, jax.lax.stop_gradient(stats)
 
   which = (f"max_norm={max_norm}" if max_norm is not None

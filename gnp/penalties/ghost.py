@@ -57,6 +57,22 @@ dtype promoted to at least float32.
 
 The Flax linen helpers at the end serve `gnp.penalties.precision`, which
 intercepts plain ``nn.Dense`` / ``nn.Conv`` layers.
+
+An L2 term that every example shares, ½ · l2 · ‖θ_K‖² declared with
+`gnp.penalties.with_l2` (θ_K: θ on the leaves the term covers, 0 elsewhere),
+adds the same l2 · θ_K to every example's gradient. With ∇ℓ_i the gradient
+without it,
+
+    ‖∇ℓ_i + l2 θ_K‖² = ‖∇ℓ_i‖² + 2 l2 ⟨∇ℓ_i, θ_K⟩ + l2² ‖θ_K‖²,
+
+and the cross term comes per use from the pass already made: a use's output
+z is linear in the leaf's view (a kernel: z = f(a; V(W)); a bias: z = x +
+V(b)), so its part of ⟨∂ℓ_i/∂W, W⟩ is Σ δ · z over example i's entries (for
+a bias, Σ δ · V(b)). It costs one product with each use's output, no further
+pass. Leaves in K that the losses do not use have ∇ℓ_i = 0 there and add to
+‖θ_K‖² only. The forward pass adds the term to the losses, so its backward
+passes (∇L, clipping's second pass) include l2 θ_K as well. An L2 term
+written into ``loss_fn`` is refused like any other non-linear use.
 """
 
 from __future__ import annotations
@@ -163,6 +179,9 @@ class _Interpreter:
     self.sites = {site.path: (n, site) for n, site in enumerate(plan.sites)}
     self.probes = probes
     self.inputs = [None] * len(plan.sites)  # a for "dot" / "conv"
+    # For the L2 cross term: z for "dot" / "conv", the bias's view V(b),
+    # whose product with δ is the use's part of ⟨∂ℓ_i/∂θ, θ⟩.
+    self.linear = [None] * len(plan.sites)
     self.chains = [None] * len(plan.sites)
 
   def run(self, jaxpr, consts, args, chains, prefix=()):
@@ -186,6 +205,8 @@ class _Interpreter:
       elif path in self.sites:
         n, site = self.sites[path]
         outs = _bind(eqn, invals)
+        self.linear[n] = (invals[site.operand] if site.kind == "bias"
+                          else outs[0])
         outs = [outs[0] + self.probes[n]]
         self.chains[n] = in_chains[site.operand]
         if site.kind != "bias":
@@ -375,6 +396,9 @@ def per_example_norms_with_pullback(
   if branch not in BRANCHES:
     raise ValueError(
         f"unknown branch={branch!r}; choose one of {BRANCHES}.")
+  shared = loss_fn if isinstance(loss_fn, _base.WithL2) else None
+  if shared is not None:
+    loss_fn = shared.loss_fn
   if plan is None:
     plan = ghost_jaxpr.analyze(loss_fn, params, batch, key)
   leaves, treedef = jax.tree.flatten(params)
@@ -388,11 +412,13 @@ def per_example_norms_with_pullback(
                               [_Chain(lambda w: w) for _ in p]
                               + [None] * len(data))
     losses, aux = jax.tree.unflatten(plan.out_tree, outs)
-    return losses, (aux, interpreter.inputs)
+    if shared is not None:
+      losses = losses + shared.term(treedef.unflatten(p))
+    return losses, (aux, interpreter.inputs, interpreter.linear)
 
   probes = [_zeros_like(site.out_aval) for site in plan.sites]
-  losses, backward, (aux, inputs) = jax.vjp(forward, leaves, probes,
-                                            has_aux=True)
+  losses, backward, (aux, inputs, linear) = jax.vjp(forward, leaves, probes,
+                                                    has_aux=True)
   # One backward pass of Σ_i ℓ_i: the probes' cotangents are every example's
   # δ, the parameters' the summed gradient.
   summed_leaves, deltas = backward(jnp.ones_like(losses))
@@ -429,9 +455,35 @@ def per_example_norms_with_pullback(
         grad += _pull_back(chains[n], g, jnp.shape(leaves[leaf]), dtype)
     squared += jnp.sum(jnp.reshape(grad, (grad.shape[0], -1)) ** 2,
                        axis=1).astype(norm_dtype)
+  if shared is not None:
+    squared += _shared_term_squared(shared, params, plan.sites, linear,
+                                    deltas, norm_dtype)
   pullback = lambda weights: treedef.unflatten(backward(weights)[0])
   return (losses, aux, _base.safe_sqrt(squared), treedef.unflatten(
       summed_leaves), pullback)
+
+
+def _shared_term_squared(shared: _base.WithL2, params, sites, linear, deltas,
+                         dtype):
+  """2 l2 ⟨∇ℓ_i, θ_K⟩ + l2² ‖θ_K‖² for every example: [B].
+
+  Each use of a leaf in K adds Σ δ · z (a kernel; z linear in its view) or
+  Σ δ · V(b) (a bias) over example i's entries (module docstring). A sum
+  that is slightly negative by rounding (∇ℓ_i ≈ −l2 θ_K) gives a norm of 0:
+  `_base.safe_sqrt` takes it as 0.
+  """
+  in_term = shared.in_term(params)
+  cross = 0
+  for site, value, delta in zip(sites, linear, deltas):
+    if not in_term[site.leaf]:
+      continue
+    product = (delta.astype(dtype) * jnp.broadcast_to(value, delta.shape)
+               .astype(dtype))
+    product = jnp.moveaxis(product, site.out_axis, 0)
+    cross += jnp.sum(product.reshape(product.shape[0], -1), axis=1)
+  weights = sum(jnp.sum(jnp.square(w.astype(dtype)))
+                for w in shared.weights(params))
+  return jnp.asarray(shared.l2 * (2 * cross + shared.l2 * weights), dtype)
 
 
 def per_example_norms(loss_fn: _base.LossFn, params, batch, key, *,

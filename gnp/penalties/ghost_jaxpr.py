@@ -137,6 +137,7 @@ class Site:
   # (and groups) and broadcast over its examples and positions: that site's
   # index. Its gradient is then Σ_t δ_t, a constant input feature 1.
   follows: int | None = None
+  out_axis: int | None = None  # the examples' axis of the output z
 
   @property
   def out_aval(self):
@@ -222,7 +223,9 @@ class _Analysis:
         "reshaped, transposed or scaled by a constant) only as an operand of "
         "a dot_general or the kernel of a conv_general_dilated whose other "
         "operand carries the examples, or as an additive bias broadcast over "
-        "them. Use method='vmap' (method='auto' falls back to it).")
+        "them (an L2 term every example shares: declare it with "
+        "gnp.penalties.with_l2). Use method='vmap' (method='auto' falls back "
+        "to it).")
 
   def refuse_mixing(self, eqn, axis, why="combines different examples"):
     raise UnsupportedModelError(
@@ -317,12 +320,14 @@ class _Analysis:
       return self.view(eqn, ins, k, param, path)
     if param.expanded and name not in ("add", "sub"):
       self.refuse_param(eqn, param, ", after a broadcast to more entries")
-    if name == "dot_general" and batched:
-      return self.dot_site(eqn, ins, k, param, path)
-    if name == "conv_general_dilated" and batched:
-      return self.conv_site(eqn, ins, k, param, path)
-    if name in ("add", "sub") and batched:
-      return self.bias_site(eqn, ins, k, param, path)
+    site = {"dot_general": self.dot_site,
+            "conv_general_dilated": self.conv_site,
+            "add": self.bias_site, "sub": self.bias_site}.get(name)
+    if site is not None and batched:
+      axis = site(eqn, ins, k, param, path)
+      # The examples' axis of the use's output, for the L2 cross term.
+      self.sites[-1] = dataclasses.replace(self.sites[-1], out_axis=axis)
+      return axis
     why = "" if batched else ", with no operand carrying the examples"
     self.refuse_param(eqn, param, why)
 
@@ -595,6 +600,8 @@ def analyze(loss_fn: _base.LossFn, params, batch, key) -> Plan:
       interact (or cannot be followed) on the way to the losses; the message
       names the parameter's path and the primitive.
   """
+  if isinstance(loss_fn, _base.WithL2):  # Its term is added apart.
+    loss_fn = loss_fn.loss_fn
   size = _base.batch_size(batch)
   # Traced from the values' types, which under shard_map include how they
   # vary across devices (so the jaxpr has the same pvary casts).

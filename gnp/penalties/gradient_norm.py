@@ -57,6 +57,7 @@ from optax import tree_utils as otu
 
 from gnp import _checks
 from gnp.penalties import _base
+from gnp.penalties import accumulation
 from gnp.penalties import precision
 
 
@@ -113,8 +114,13 @@ def perturbed_gradients(loss_fn, params, batch, key, radius, split=False,
   perturbation exactly (`precision.value_and_grad_at`); without such layers
   nothing changes.
   """
-  mean_loss = _base.mean_loss_fn(loss_fn, batch, key)
-  value_and_grad = jax.value_and_grad(mean_loss, has_aux=True)
+  if split and isinstance(loss_fn, accumulation.AccumulatedLoss):
+    raise ValueError(
+        "split_perturbation=True does not support an accumulated loss "
+        "(gnp.penalties.accumulate); use one or the other.")
+  # An accumulated loss sums the microbatches' gradients, at θ and at
+  # θ + radius d alike: two accumulation passes, d from the whole batch's g.
+  value_and_grad = accumulation.value_and_grad(loss_fn, batch, key)
   calls = []
   if split:
     (loss, aux), grads = jax.value_and_grad(
@@ -128,7 +134,7 @@ def perturbed_gradients(loss_fn, params, batch, key, radius, split=False,
     shift = jax.tree.map(lambda p, d: (radius * d).astype(p.dtype), params,
                          direction)
     (perturbed_loss, _), perturbed_grads = precision.value_and_grad_at(
-        mean_loss, params, shift, calls=calls)
+        _base.mean_loss_fn(loss_fn, batch, key), params, shift, calls=calls)
   else:
     perturbed = _mix(params, direction, 1.0, radius)
     (perturbed_loss, _), perturbed_grads = value_and_grad(perturbed)

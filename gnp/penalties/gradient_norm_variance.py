@@ -26,6 +26,9 @@ Per-example norms, by ``method``:
   through such uses and examples do not interact; anything else (an
   embedding gather, a norm's scale, batch normalisation in training mode,
   ...) raises a ValueError that names the parameter and the primitive.
+  An L2 term in the loss keeps this path when it is declared with
+  `gnp.penalties.with_l2` (as the training system's ``optimizer.l2`` is):
+  its part of each n_i is added analytically.
 * ``"auto"`` (default): ``"ghost"`` where it applies, ``"vmap"`` otherwise.
   Decided when the gradient function is traced, from the model's structure.
 
@@ -38,6 +41,20 @@ examples). Without randomness (or with ``key=None``) they agree to rounding.
 
 The norm's square root has derivative 0 at 0 here, so an example with zero
 gradient contributes no NaN.
+
+Gradient accumulation (``loss_fn`` an `accumulation.AccumulatedLoss` of k
+microbatches): the per-example norms are computed on each microbatch with
+the loss it wraps, and the step is still the whole batch's. As
+Σ_i (n_i − n̄) = 0,
+
+    ∇ Var = 2/(B − ddof) Σ_i (n_i − n̄) (∇n_i − ∇n̄)
+          = 2/(B − ddof) Σ_i (n_i − n̄) ∇n_i,
+
+a sum over examples once the mean n̄ is known. So a first pass computes
+every n_i (first order, one microbatch at a time), giving n̄ and Var, and a
+second differentiates, microbatch by microbatch, L_j / k + λ Σ_{i ∈ j}
+(n_i − n̄)² / (B − ddof) with n̄ held constant; the gradients summed over j
+are ∇J.
 """
 
 from __future__ import annotations
@@ -51,6 +68,7 @@ from optax import tree_utils as otu
 
 from gnp import _checks
 from gnp.penalties import _base
+from gnp.penalties import accumulation
 from gnp.penalties import ghost
 
 
@@ -150,6 +168,9 @@ def gradient_norm_variance(
           f"the batch has {size}."
       )
 
+    if isinstance(loss_fn, accumulation.AccumulatedLoss):
+      return accumulated(params, batch, key)
+
     def objective(p):
       loss, aux, norms, mean_grad = per_example_norms(loss_fn, p, batch, key)
       variance = jnp.sum((norms - jnp.mean(norms)) ** 2) / (size - ddof)
@@ -162,6 +183,36 @@ def gradient_norm_variance(
       return loss + lam * variance, aux, stats
 
     return _base.value_and_grad_with_stats(objective, params)
+
+  def accumulated(params, batch, key):
+    # The two passes of the module docstring.
+    size, steps = _base.batch_size(batch), loss_fn.steps
+    norms_of = lambda p, b, k: per_example_norms(loss_fn.loss_fn, p, b, k)
+    _, norms = loss_fn.sequential(
+        lambda b, k: ((), norms_of(params, b, k)[2]), batch, key)
+    norms = jax.lax.stop_gradient(norms)
+    mean_norm = jnp.mean(norms)
+    variance = jnp.sum((norms - mean_norm) ** 2) / (size - ddof)
+
+    def microbatch(b, k):
+      def surrogate(p):
+        loss, aux, norms, mean_grad = norms_of(p, b, k)
+        deviation = jnp.sum((norms - mean_norm) ** 2) / (size - ddof)
+        return loss / steps + lam * deviation, (loss, aux, mean_grad)
+
+      (_, (loss, aux, mean_grad)), grads = jax.value_and_grad(
+          surrogate, has_aux=True)(params)
+      return (loss, mean_grad, grads), aux
+
+    (loss, mean_grad, grads), aux = loss_fn.sequential(microbatch, batch, key)
+    loss = loss / steps
+    stats = {
+        "task_loss": loss,
+        "penalty": variance,
+        "grad_norm": otu.tree_norm(mean_grad) / steps,
+        "mean_example_grad_norm": mean_norm,
+    }
+    return loss + lam * variance, aux, grads, jax.lax.stop_gradient(stats)
 
   return _base.GradientFn(
       f"gradient_norm_variance(lam={lam}, ddof={ddof}, method={method!r})", body

@@ -7,6 +7,7 @@ import jax
 from optax import tree_utils as otu
 
 from gnp.penalties import _base
+from gnp.penalties import accumulation
 
 
 def plain(loss_fn: _base.LossFn) -> _base.GradientFn:
@@ -29,8 +30,8 @@ def plain(loss_fn: _base.LossFn) -> _base.GradientFn:
   """
 
   def body(params, batch, key):
-    mean_loss = _base.mean_loss_fn(loss_fn, batch, key)
-    (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+    (loss, aux), grads = accumulation.value_and_grad(loss_fn, batch, key)(
+        params)
     stats = {
         "task_loss": loss,
         "penalty": jax.numpy.zeros_like(loss),

@@ -35,22 +35,56 @@ on CIFAR-10, 1.0 on CIFAR-100) were tuned that way (an author's note on
 github.com/davda54/sam issue 37: with biases normalised too, ρ = 2.0 did
 best on CIFAR-10). Its class default is η = 0.01 (the command line of its
 ``example_cifar.py`` defaults to 0.0).
+
+Randomized sharpness-aware training (RST; Zhao, Zhang & Hu, "Randomized
+Sharpness-Aware Training for Boosting Computational Efficiency in Deep
+Learning", arXiv:2203.09962, 2022; its first version is "SS-SAM: Stochastic
+Scheduled Sharpness-Aware Minimization for Efficiently Training Deep Neural
+Networks"). SAM's second pass is paid only on a random subset of steps: at
+each step a Bernoulli trial X ~ Bernoulli(p) chooses
+
+    update = ∇L(θ + ε)   if X = 1 (a SAM step, two forward-backward passes),
+    update = ∇L(θ)       if X = 0 (a plain step, one pass),
+
+with ε SAM's (or ASAM's) perturbation above. A step costs 1 + p passes on
+average, so with c = (SAM step) / (plain step) the expected cost is
+1 + p (c − 1) plain steps. The paper draws p from a scheduling function of
+the iteration (it studies constant, piecewise, linear and trigonometric
+ones; its abstract reports its generalisation G-RST outperforming SAM in
+most cases while saving half of SAM's extra computation, 1.5 passes per
+step). Here p is a constant (``probability``), which a schedule may set
+per step as a traced scalar; G-RST is not implemented.
+
+The coin is ``bernoulli(fold_in(key, _COIN_SALT), p)``: one per call, for the
+whole batch (with m-sharpness too), independent of the key's other uses
+(dropout; the groups' ``fold_in(key, j)``, j < B). Under ``jax.jit`` the
+choice is a ``lax.cond``, an XLA conditional that runs one branch, so a
+plain step costs a plain step. Under ``jax.vmap`` with a key per member (a
+vmapped population, `gnp.population`, as the studies train) the predicate
+is batched, ``lax.cond`` becomes a select and both branches run: the
+updates are still RST's, the cost is SAM's.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from gnp import _checks
 from gnp.penalties import _base
 from gnp.penalties.gradient_norm import check_adaptive
 from gnp.penalties.gradient_norm import perturbed_gradients
+from gnp.penalties.plain import plain
+
+# fold_in data for RST's coin: no m-sharpness group index (j < B) reaches it.
+_COIN_SALT = 0x5A3C0FFE
 
 
 def sam(
     loss_fn: _base.LossFn,
     *,
     rho: jax.typing.ArrayLike,
+    probability: jax.typing.ArrayLike | None = None,
     group_size: int | None = None,
     split_perturbation: bool = False,
     adaptive: bool = False,
@@ -59,12 +93,18 @@ def sam(
   """Sharpness-aware minimisation: the gradient at θ + ρ g/‖g‖.
 
   With ``adaptive`` (ASAM), the gradient at θ + ρ T² ⊙ g / ‖T ⊙ g‖,
-  T = |θ| + η elementwise.
+  T = |θ| + η elementwise. With ``probability`` p (RST), that gradient with
+  probability p and the plain gradient ∇L(θ) otherwise, one coin per call.
 
   Args:
     loss_fn: ``loss_fn(params, batch, key) -> (losses, aux)``, ``losses`` of
       shape ``[B]``. Both passes use the same ``key``.
     rho: the neighbourhood radius (≥ 0); may be a traced scalar.
+    probability: p ∈ (0, 1] for randomized sharpness-aware training (RST,
+      module docstring): the chance that a call takes the SAM step rather
+      than the plain one; may be a traced scalar. The coin comes from
+      ``key``, which must then not be None. None (the default): SAM on every
+      call, with no coin and no conditional.
     group_size: m for m-sharpness (must divide the batch size); None = one
       perturbation for the whole batch.
     split_perturbation: evaluate each low-precision ``nn.Dense``/``nn.Conv``
@@ -81,14 +121,19 @@ def sam(
     A `GradientFn`. Its ``loss`` is the sharpness-aware loss L(θ + ε); aux
     comes from the unperturbed pass. Stats hold ``task_loss`` (L(θ)),
     ``penalty`` (the sharpness L(θ + ε) − L(θ)) and ``grad_norm`` (‖∇L(θ)‖).
+    With ``probability``, a plain step's ``loss`` is L(θ) and its
+    ``penalty`` 0, and stats add ``sam_step``: 1.0 on a SAM step, 0.0 on a
+    plain one (its mean over steps is the fraction of SAM steps).
 
   Raises:
-    ValueError: negative ``rho``, a bad ``group_size``, a non-bool
-      ``adaptive`` or a negative or infinite ``eta``.
+    ValueError: negative ``rho``, a ``probability`` outside (0, 1], a bad
+      ``group_size``, a non-bool ``adaptive`` or a negative or infinite
+      ``eta``; when called, a None ``key`` with ``probability``.
 
   References:
     Foret et al., ICLR 2021, https://arxiv.org/abs/2010.01412;
-    Kwon et al., ICML 2021, https://arxiv.org/abs/2102.11600.
+    Kwon et al., ICML 2021, https://arxiv.org/abs/2102.11600;
+    Zhao, Zhang & Hu, 2022, https://arxiv.org/abs/2203.09962 (RST).
 
   Example:
     >>> import jax.numpy as jnp, gnp
@@ -97,6 +142,8 @@ def sam(
     ...     jnp.ones(3), jnp.eye(3), None)
   """
   _checks.check_nonnegative("rho", rho)
+  if probability is not None:
+    _checks.check_probability("probability", probability)
   _checks.check_positive_int("group_size", group_size, allow_none=True)
   check_adaptive(adaptive, eta)
 
@@ -113,6 +160,36 @@ def sam(
     }
     return perturbed_loss, aux, perturbed_grads, stats
 
-  name = (f"sam(rho={rho}" + (f", adaptive=True, eta={eta}" if adaptive else "")
+  name = (f"sam(rho={rho}"
+          + ("" if probability is None else f", probability={probability}")
+          + (f", adaptive=True, eta={eta}" if adaptive else "")
           + (", split_perturbation=True)" if split_perturbation else ")"))
-  return _base.GradientFn(name, _base.in_groups(body, group_size))
+  sam_body = _base.in_groups(body, group_size)
+  if probability is None:
+    return _base.GradientFn(name, sam_body)
+  plain_fn = plain(loss_fn)  # Its stats: L(θ), penalty 0, ‖∇L(θ)‖.
+
+  def plain_step(params, batch, key):
+    (loss, aux), grads, stats = plain_fn.with_stats(params, batch, key)
+    return loss, aux, grads, stats
+
+  plain_body = _base.in_groups(plain_step, group_size)
+
+  def randomized(params, batch, key):
+    if key is None:
+      raise ValueError(
+          "sam(probability=...) draws its coin from the key; got key=None.")
+    take_sam = jax.random.bernoulli(jax.random.fold_in(key, _COIN_SALT),
+                                    probability)
+
+    def branch(step_body, sam_step):
+      def run():
+        loss, aux, grads, stats = step_body(params, batch, key)
+        return loss, aux, grads, {**stats, "sam_step": jnp.asarray(
+            sam_step, stats["task_loss"].dtype)}
+      return run
+
+    return jax.lax.cond(take_sam, branch(sam_body, 1.0),
+                        branch(plain_body, 0.0))
+
+  return _base.GradientFn(name, randomized)
