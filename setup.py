@@ -31,7 +31,8 @@ setuptools.setup(
         "scipy",  # gnp.report's t intervals.
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist"],
+        # Equinox: ghost norms are tested on an Equinox model too.
+        "test": ["pytest>=8", "pytest-xdist", "equinox"],
         # To read the TensorBoard event files the runs write.
         "tensorboard": ["tensorboard"],
     },

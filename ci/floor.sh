@@ -27,6 +27,7 @@ tests=(
   "tests/test_ghost_jaxpr.py::test_norms_equal_vmap_in_both_forms[jnp_cnn]"
   "tests/test_ghost_jaxpr.py::test_norms_equal_vmap_in_both_forms[jnp_transformed]"
   "tests/test_ghost_jaxpr.py::test_norms_equal_vmap_in_both_forms[nnx_cnn]"
+  "tests/test_ghost_jaxpr.py::test_norms_equal_vmap_in_both_forms[eqx_cnn]"
   "tests/test_ghost_jaxpr.py::test_gnvr_gradient_equals_vmap[jnp_cnn-gram]"
   tests/test_ghost_jaxpr.py::test_refusals_name_the_parameter_and_the_primitive
   tests/test_gradient_norm_variance.py::test_stats_and_default_ddof_is_unbiased
