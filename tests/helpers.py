@@ -70,3 +70,21 @@ def equations(jaxpr):
         sub = getattr(sub, "jaxpr", sub)
         if hasattr(sub, "eqns"):
           yield from equations(sub)
+
+
+def assert_auto_falls_back_to_vmap(monkeypatch, loss_fn, params, batch):
+  """GNVR's ``method="auto"`` takes the vmap path for ``loss_fn`` (traced
+  only: nothing is compiled)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from gnp import penalties  # pylint: disable=g-import-not-at-top
+  import importlib  # pylint: disable=g-import-not-at-top
+  # The module: gnp.penalties.gradient_norm_variance is also the function.
+  gnvr = importlib.import_module("gnp.penalties.gradient_norm_variance")
+
+  calls = []
+  vmap = gnvr.vmap_per_example_norms
+  monkeypatch.setattr(gnvr, "vmap_per_example_norms",
+                      lambda *args: calls.append(1) or vmap(*args))
+  jax.eval_shape(penalties.gradient_norm_variance(loss_fn, lam=0.1),
+                 params, batch, None)
+  assert calls

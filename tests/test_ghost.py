@@ -20,6 +20,7 @@ from gnp.models import CNN
 from gnp.models import MLP
 from gnp.penalties import ghost
 from gnp.penalties import ghost_jaxpr
+from tests.helpers import assert_auto_falls_back_to_vmap
 
 # The module, not the function `gnp.penalties` exports under the same name.
 gnvr = importlib.import_module("gnp.penalties.gradient_norm_variance")
@@ -310,14 +311,8 @@ def test_unsupported_models_are_refused_and_auto_uses_vmap(name, monkeypatch):
   with pytest.raises(gnp.errors.UserError, match=message):
     jax.eval_shape(gnp.penalties.gradient_norm_variance(
         loss_fn, lam=0.1, method="ghost"), params, batch, None)
-  # "auto" takes the vmap path instead (traced only: nothing to compile).
-  calls = []
-  vmap = gnvr.vmap_per_example_norms
-  monkeypatch.setattr(gnvr, "vmap_per_example_norms",
-                      lambda *args: calls.append(1) or vmap(*args))
-  jax.eval_shape(gnp.penalties.gradient_norm_variance(loss_fn, lam=0.1),
-                 params, batch, None)
-  assert calls
+  # "auto" takes the vmap path instead.
+  assert_auto_falls_back_to_vmap(monkeypatch, loss_fn, params, batch)
 
 
 def test_auto_falls_back_to_the_same_numbers_as_vmap():

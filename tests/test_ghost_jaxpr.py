@@ -19,6 +19,7 @@ from jax.flatten_util import ravel_pytree
 import gnp
 from gnp.penalties import ghost
 from gnp.penalties import ghost_jaxpr
+from tests.helpers import assert_auto_falls_back_to_vmap
 from tests.helpers import run
 from tests.test_ghost import FAST_COMPILE
 from tests.test_ghost import ghost_gnvr
@@ -375,14 +376,8 @@ def test_refusals_name_the_parameter_and_the_primitive(name, monkeypatch):
   loss_fn = lambda p, b, k: (jnp.sum(fn(p, b) ** 2, axis=1), None)
   with pytest.raises(ghost.UnsupportedModelError, match=message):
     ghost_jaxpr.analyze(loss_fn, params, x, None)
-  # "auto" takes the vmap path instead (traced only: nothing to compile).
-  calls = []
-  vmap = gnvr.vmap_per_example_norms
-  monkeypatch.setattr(gnvr, "vmap_per_example_norms",
-                      lambda *args: calls.append(1) or vmap(*args))
-  jax.eval_shape(gnp.penalties.gradient_norm_variance(loss_fn, lam=0.1),
-                 params, x, None)
-  assert calls
+  # "auto" takes the vmap path instead.
+  assert_auto_falls_back_to_vmap(monkeypatch, loss_fn, params, x)
 
 
 @pytest.mark.parametrize("name", ["jnp_cnn", "nnx_cnn", "eqx_cnn"])
