@@ -162,9 +162,9 @@ class Population:
     config)``, or None when there is none (the row then trains on unread).
     After each epoch ``stop({token: history})``, with the histories of the
     runs that trained it, may return tokens of runs to stop there (a run
-    at its last epoch ends anyway). Yields ``(token, history, row)`` for each run as it ends, before
-    the freed rows ask ``source`` again, so a tuner told of a result asks
-    with it known; while the generator is paused ``self._states`` holds the
+    at its last epoch ends anyway). Yields ``(token, history, row)`` for
+    each run as it ends, before the freed rows ask ``source`` again, so a
+    tuner told of a result asks with it known; while the generator is paused ``self._states`` holds the
     stack and the run's state is its ``row``. Histories are those of
     `train`, with the ``splits`` evaluated each epoch.
 
@@ -179,6 +179,9 @@ class Population:
     if self._train_data is None:
       self._train_data = exp.train_data()
     runs = [None] * slots  # Row -> (token, config, history) of its run.
+    # Row -> the config it trains: its run's, or for a row without one (a
+    # spare, unread) the last it had or the first run's.
+    config_of = [None] * slots
 
     def fill(rows):
       filled = []
@@ -190,30 +193,28 @@ class Population:
         config_lib.validate(config, num_devices=jax.device_count())
         check_compatible([exp.config, config])
         runs[row] = (token, config, {"epoch": []})
+        config_of[row] = config
         filled.append(row)
       return filled
 
-    def init(rows):
-      # Rows without a run of their own copy one that has (spare, unread).
-      spare = runs[rows[0]][1]
-      configs = [runs[r][1] if r in rows else spare for r in range(slots)]
-      rngs = jnp.stack([jax.random.key(c.seed) for c in configs])
+    def init():
+      rngs = jnp.stack([jax.random.key(c.seed) for c in config_of])
       hparams = jax.tree.map(lambda *v: np.stack(v),
-                             *[step_lib.hyperparameters(c) for c in configs])
+                             *[step_lib.hyperparameters(c) for c in config_of])
       return self._init(rngs, hparams)
 
     filled = fill(range(slots))
     if not filled:
       return
-    self._states = init(filled)
-    last = [runs[r][1] for r in filled][0]  # A config for spare rows.
+    config_of = [c or config_of[filled[0]] for c in config_of]
+    self._states = init()
     epoch_of = [0] * slots
     while any(runs):
       indices = jax.device_put(
           np.stack([pipeline.epoch_indices(
-              len(dataset.train[1]), (runs[r] or (0, last))[1].batch_size,
-              (runs[r] or (0, last))[1].seed, epoch_of[r])
-                    for r in range(slots)]), replicated)
+              len(dataset.train[1]), config.batch_size, config.seed, epoch)
+                    for config, epoch in zip(config_of, epoch_of)]),
+          replicated)
       self._states, metrics = self._run_epoch(self._states, self._train_data,
                                               indices)
       metrics = jax.device_get(metrics)  # {name: [steps, rows]}
@@ -250,8 +251,8 @@ class Population:
         continue
       nonfinite = np.asarray(self._states.nonfinite_step)
       for row in sorted(ended):
-        token, config, history = runs[row]
-        last, runs[row] = config, None
+        token, _, history = runs[row]
+        runs[row] = None
         # A run whose loss or update turned NaN or Inf stopped there (its
         # state frozen at the last good values); say so rather than let its
         # later epochs pass for training.
@@ -263,7 +264,7 @@ class Population:
         yield token, history, row
       refilled = fill(sorted(ended))
       if refilled:
-        fresh = init(refilled)
+        fresh = init()
         self._states = self._refill(self._states, fresh,
                                     np.isin(np.arange(slots), refilled))
         for row in refilled:

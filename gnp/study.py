@@ -71,7 +71,6 @@ from gnp import loop
 from gnp import population
 from gnp import report
 from gnp import results as results_lib
-from gnp import step as step_lib
 from gnp import writers
 from gnp.data import pipeline
 from gnp.errors import NonFiniteError
@@ -117,16 +116,13 @@ def _train(study, configs, datasets, run_dirs, populations,
                      default=str)
     groups[key].append(i)
   histories = [None] * len(configs)
-  for key, members in groups.items():
-    if key not in populations:
-      populations[key] = population.Population(configs[members[0]],
-                                               datasets[members[0]])
+  for members in groups.values():
+    pop = _population(populations, configs[members[0]], datasets[members[0]])
     on_epoch = None
     if should_stop is not None:
       on_epoch = functools.partial(_stop, members=members,
                                    should_stop=should_stop)
-    results, _ = populations[key].train(
-        [configs[i] for i in members], on_epoch=on_epoch)
+    results, _ = pop.train([configs[i] for i in members], on_epoch=on_epoch)
     for i, history in zip(members, results):
       histories[i] = history
   return histories
@@ -294,20 +290,31 @@ def tune(study, spec, workdir: str, dataset_of,
 
 
 def _streamable(study, spec) -> bool:
-  """Whether every trial of ``spec`` compiles to the same step: its search
-  varies only traced hyper-parameters, and weight decay and L2 stay on or
-  off throughout."""
-  config = arm_config(study, spec, sample_point(spec), seed=study.seed,
-                      num_epochs=study.tuning.num_epochs)
-  traced = set(step_lib.hyperparameter_keys(config))
+  """Whether every trial of ``spec`` compiles to the same step: moving any
+  searched key to either end of its range (or to any of its choices)
+  leaves the config's `population.structure` as it is."""
+  point = sample_point(spec)
+
+  def structure(**change):
+    config = arm_config(study, spec, {**point, **change}, seed=study.seed,
+                        num_epochs=study.tuning.num_epochs)
+    return population.structure(config)
+
+  base = structure()
   for key, value in config_lib.flatten(spec.search).items():
-    if key not in traced:
+    dist = distribution(spec.name, key, value)
+    ends = getattr(dist, "choices", None) or (dist.low, dist.high)
+    if any(structure(**{key: end}) != base for end in ends):
       return False
-    if key in ("optimizer.weight_decay", "optimizer.l2"):
-      low = distribution(spec.name, key, value)
-      if not getattr(low, "low", 0) > 0:
-        return False
   return True
+
+
+def _population(populations, config, dataset) -> population.Population:
+  """The study's compiled population for ``config``'s structure."""
+  key = json.dumps(population.structure(config), sort_keys=True, default=str)
+  if key not in populations:
+    populations[key] = population.Population(config, dataset)
+  return populations[key]
 
 
 def _tune_stream(study, spec, group, finished, ask, tell, dataset,
@@ -350,12 +357,8 @@ def _tune_stream(study, spec, group, finished, ask, tell, dataset,
   first = arm_config(study, spec, sample_point(spec),
                      seed=tuning_seed(study, group[0]),
                      num_epochs=study.tuning.num_epochs, replicate=group[0])
-  structure = json.dumps(population.structure(first), sort_keys=True,
-                         default=str)
-  if structure not in populations:
-    populations[structure] = population.Population(first, dataset)
-  runs = populations[structure].stream(source, slots=per * len(group),
-                                       stop=stop, splits=("validation",))
+  runs = _population(populations, first, dataset).stream(
+      source, slots=per * len(group), stop=stop, splits=("validation",))
   for key, history, _ in runs:
     tell(running.pop(key), history, seconds.pop(key))
 

@@ -469,3 +469,17 @@ def test_trials_report_only_where_the_pruner_decides(settings, expected):
     section, name = key.split(".")
     config[section][name] = value
   assert study.rungs(config) == expected
+
+
+@pytest.mark.parametrize("search,streamable", [
+    ({"optimizer.learning_rate": ("log", 1e-3, 1e-2)}, True),
+    ({"optimizer.weight_decay": ("log", 1e-5, 1e-1)}, True),
+    # Weight decay switched off at one end: another compiled step.
+    ({"optimizer.weight_decay": ("uniform", 0.0, 1e-1)}, False),
+    ({"batch_size": ("choice", 16, 32)}, False),
+])
+def test_only_searches_that_keep_the_step_train_as_a_stream(search,
+                                                            streamable):
+  config = tiny_study()
+  config.arms = (study.arm("a", search=search),)
+  assert study._streamable(config, config.arms[0]) is streamable  # pylint: disable=protected-access
