@@ -198,8 +198,7 @@ def train_step(state: TrainState, batch, *, model, make_tx, unit_schedule,
     x = augment(augment_key, x)
   loss_fn = make_loss_fn(model, state.batch_stats,
                          l2=hparams["l2"] if use_l2 else None)
-  if grad_accum_steps > 1:
-    loss_fn = penalties.accumulate(loss_fn, grad_accum_steps)
+  loss_fn = penalties.accumulate(loss_fn, grad_accum_steps)  # 1: unchanged.
   grad_fn = regularizer.make(loss_fn, state.step,
                              state.hparams.get(regularizer.method, {}))
   (objective, aux), grads, stats = grad_fn.with_stats(

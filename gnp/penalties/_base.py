@@ -185,6 +185,13 @@ def safe_sqrt(x):
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
 
 
+def fold_in_each(key, n: int):
+  """``fold_in(key, j)`` for j < n, stacked; None for a None key."""
+  if key is None:
+    return None
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(n))
+
+
 def in_groups(body: _Body, group_size: int | None) -> _Body:
   """Runs `body` on each group of `group_size` examples and averages.
 
@@ -206,8 +213,7 @@ def in_groups(body: _Body, group_size: int | None) -> _Body:
     groups = jax.tree.map(
         lambda x: x.reshape((num_groups, group_size) + x.shape[1:]), batch
     )
-    keys = None if key is None else jax.vmap(
-        jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num_groups))
+    keys = fold_in_each(key, num_groups)
     loss, aux, grads, stats = jax.vmap(body, in_axes=(None, 0, 0))(
         params, groups, keys)
     mean = lambda tree: jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)

@@ -88,10 +88,7 @@ class AccumulatedLoss:
 
   def keys(self, key):
     """Microbatch j's key, ``fold_in(key, j)``, stacked; None for None."""
-    if key is None:
-      return None
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
-        key, jnp.arange(self.steps))
+    return _base.fold_in_each(key, self.steps)
 
   def sequential(self, fn: Callable, batch: _base.Batch, key) -> tuple[Any,
                                                                         Any]:

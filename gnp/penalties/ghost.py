@@ -55,9 +55,6 @@ leaf through the transpose of the view (a linear map), and summed over the
 uses before the norm is taken. Norms are computed in the use's compute
 dtype promoted to at least float32.
 
-The Flax linen helpers at the end serve `gnp.penalties.precision`, which
-intercepts plain ``nn.Dense`` / ``nn.Conv`` layers.
-
 An L2 term that every example shares, ½ · l2 · ‖θ_K‖² declared with
 `gnp.penalties.with_l2` (θ_K: θ on the leaves the term covers, 0 elsewhere),
 adds the same l2 · θ_K to every example's gradient. With ∇ℓ_i the gradient
@@ -81,11 +78,9 @@ import dataclasses
 import math
 from typing import Callable, Literal
 
-import flax.linen as nn
 import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
-from flax.linen import dtypes as flax_dtypes
 
 from gnp.penalties import _base
 from gnp.penalties import ghost_jaxpr
@@ -517,28 +512,3 @@ def per_example_norms(loss_fn: _base.LossFn, params, batch, key, *,
   return (jnp.mean(losses), aux, norms,
           jax.tree.map(lambda g: g / size, summed_grad))
 
-
-# Flax linen layers, as `gnp.penalties.precision` recognises them.
-
-
-def _module_path(module) -> str:
-  return "/".join(module.path) or type(module).__name__
-
-
-def _kind(module) -> str | None:
-  """"dense"/"conv" for a plain linen Dense/Conv (the standard
-  ``promote_dtype`` and ``dot_general``/``conv_general_dilated``), else None."""
-  if getattr(module, "promote_dtype", None) is not flax_dtypes.promote_dtype:
-    return None
-  if type(module).__call__ is nn.Dense.__call__:
-    if module.dot_general is None and module.dot_general_cls is None:
-      return "dense"
-  if isinstance(module, nn.Conv) and type(module).__call__ is nn.Conv.__call__:
-    if (module.shared_weights and module.conv_general_dilated is None
-        and module.conv_general_dilated_cls is None):
-      return "conv"
-  return None
-
-
-def _layer_input(args, kwargs):
-  return args[0] if args else kwargs["inputs"]

@@ -17,8 +17,8 @@ code (padding, strides, feature groups, masks), so nothing about the layer
 is re-implemented. The gradient is taken with respect to ε, which at θ + ε
 equals the gradient with respect to the parameters.
 
-Which layers: a plain ``nn.Dense`` or ``nn.Conv`` (those `ghost` supports:
-the standard ``promote_dtype`` and ``dot_general``/``conv_general_dilated``)
+Which layers: a plain ``nn.Dense`` or ``nn.Conv`` (the standard
+``promote_dtype`` and ``dot_general``/``conv_general_dilated``)
 whose kernel and bias are leaves of ``params`` as given, and whose
 computation dtype has fewer significand bits than one of its parameters.
 Every other parameter (BatchNorm's scale and bias, which Flax applies in
@@ -47,12 +47,26 @@ from flax.linen import dtypes as flax_dtypes
 
 from gnp import errors
 from gnp.penalties import _base
-from gnp.penalties import ghost
 
 
 class SplitError(errors.UserError, ValueError):
   """A low-precision layer that cannot be split, or a perturbed pass that did
   not call the layers the unperturbed pass did."""
+
+
+def _kind(module) -> str | None:
+  """"dense"/"conv" for a plain linen Dense/Conv (the standard
+  ``promote_dtype`` and ``dot_general``/``conv_general_dilated``), else None."""
+  if getattr(module, "promote_dtype", None) is not flax_dtypes.promote_dtype:
+    return None
+  if type(module).__call__ is nn.Dense.__call__:
+    if module.dot_general is None and module.dot_general_cls is None:
+      return "dense"
+  if isinstance(module, nn.Conv) and type(module).__call__ is nn.Conv.__call__:
+    if (module.shared_weights and module.conv_general_dilated is None
+        and module.conv_general_dilated_cls is None):
+      return "conv"
+  return None
 
 
 def _narrower(compute, stored) -> bool:
@@ -69,12 +83,12 @@ def _low_precision_params(context, args, kwargs):
   module = context.module
   if context.method_name != "__call__":
     return None
-  if not ghost._kind(module):  # pylint: disable=protected-access
+  if not _kind(module):
     return None
   variables = module.variables.get("params", {})
   if not variables:
     return None
-  x = ghost._layer_input(args, kwargs)  # pylint: disable=protected-access
+  x = args[0] if args else kwargs["inputs"]
   compute = flax_dtypes.canonicalize_dtype(x, *variables.values(),
                                            dtype=module.dtype)
   if not any(_narrower(compute, v.dtype) for v in variables.values()):
@@ -89,7 +103,7 @@ def _leaves(variables, index: dict[int, int]):
 
 
 def _path(context) -> str:
-  return ghost._module_path(context.module)  # pylint: disable=protected-access
+  return "/".join(context.module.path) or type(context.module).__name__
 
 
 def recording(loss_fn: _base.LossFn, calls: list[str]) -> _base.LossFn:
