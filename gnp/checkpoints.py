@@ -219,10 +219,12 @@ class SignalFlag:
     logging.warning("%s received: saving a checkpoint after this step.",
                     signal.Signals(signum).name)
 
-  def preempted(self, step: int) -> bool:
-    """Whether to save and stop after ``step`` (call it at every step)."""
+  def preempted(self, count: int) -> bool:
+    """Whether to save and stop now. Call it after every dispatch, ``count``
+    growing by one each time and equal on every process at the same point
+    (the processes agree on the count at which all of them stop)."""
     if jax.process_count() > 1:
-      if multihost_utils.reached_preemption_sync_point(step):
+      if multihost_utils.reached_preemption_sync_point(count):
         self.received = self.received or signal.SIGTERM
         return True
       return False

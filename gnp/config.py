@@ -152,6 +152,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_every_epochs = 1  # Validation and test evaluation.
   c.log_every_steps = 100  # Progress line and metrics.jsonl record.
   c.checkpoint_every_steps = 1000  # And at the end, and on SIGTERM.
+  # Training steps the loop dispatches at once, as one program (lax.scan):
+  # the same steps, less dispatch and launch overhead per step. The loop
+  # still stops at every log, epoch and checkpoint step (a stretch shorter
+  # than this runs step by step), so take a divisor of log_every_steps and
+  # of the steps per epoch; a signal is answered after the running stretch.
+  c.steps_per_dispatch = 1
   c.keep_checkpoints = 2  # The last this many are kept.
   # A NaN or Inf in the loss or the update: "stop" ends the run with the step
   # and the quantity, keeping the last good checkpoint; "skip" leaves the
@@ -163,13 +169,13 @@ def default_config() -> ml_collections.ConfigDict:
 
 # Keys a run may change when it resumes from its workdir: how long it trains
 # (with a decaying schedule, num_epochs also stretches the schedule), how
-# often it logs, evaluates and saves, where the data is, and what a
-# non-finite step does. Any other change would continue one run's checkpoint
+# often it logs, evaluates and saves, how many steps it dispatches at once,
+# where the data is, and what a non-finite step does. Any other change would continue one run's checkpoint
 # as another's, so `gnp.checkpoints.check_workdir` refuses it.
 RESUMABLE_KEYS = (
     "num_epochs", "num_steps", "eval_batch_size", "eval_every_epochs",
     "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-    "on_nonfinite", "dataset.data_dir", "dataset.download",
+    "steps_per_dispatch", "on_nonfinite", "dataset.data_dir", "dataset.download",
 )
 
 
@@ -374,7 +380,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
           " (the step counter is int32)", allow_none=True)
   _int_in("eval_batch_size", config.eval_batch_size, 1, MAX_EVAL_BATCH)
   for name in ("eval_every_epochs", "log_every_steps",
-               "checkpoint_every_steps", "keep_checkpoints"):
+               "checkpoint_every_steps", "keep_checkpoints",
+               "steps_per_dispatch"):
     _positive_int(name, config[name])
   _check(
       config.batch_size % num_devices == 0,

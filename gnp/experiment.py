@@ -36,6 +36,7 @@ from gnp.step import TrainState
 from gnp.step import hyperparameters
 from gnp.step import train_step
 from gnp.step import train_step_on_device_data
+from gnp.step import train_steps_on_device_data
 
 
 def build_model(config: ml_collections.ConfigDict, dataset) -> Any:
@@ -102,6 +103,9 @@ class Experiment:
   step: Callable  # (state, (x, y)) -> (state, metrics)
   # (state, train_data, epoch_indices) -> (state, metrics): what the loop runs.
   step_on_device_data: Callable
+  # (state, train_data, epoch_indices, n) -> (state, metrics [n]): n steps of
+  # one epoch in one dispatch (``steps_per_dispatch``); n is static.
+  steps_on_device_data: Callable
   eval: Callable  # (state, (x, y, mask)) -> sums
 
   def batch(self, arrays):
@@ -231,6 +235,13 @@ def create_experiment(config: ml_collections.ConfigDict,
       out_shardings=(state_sharding, replicated),
       donate_argnums=0,
   )
+  steps_on_device_data = jax.jit(
+      functools.partial(train_steps_on_device_data, **step_args),
+      in_shardings=(state_sharding, replicated,
+                    NamedSharding(mesh, P(None, "data"))),
+      out_shardings=(state_sharding, replicated),
+      static_argnums=3, donate_argnums=0,
+  )
   eval_fn = jax.jit(
       functools.partial(evaluation.eval_step, model=model,
                         preprocess=dataset.preprocess),
@@ -245,6 +256,7 @@ def create_experiment(config: ml_collections.ConfigDict,
       # setting of the traced hyper-parameters.
       init=lambda: init_jit(hparams),
       init_state=init,
-      step=step_fn, step_on_device_data=step_on_device_data, eval=eval_fn,
+      step=step_fn, step_on_device_data=step_on_device_data,
+      steps_on_device_data=steps_on_device_data, eval=eval_fn,
   )
 

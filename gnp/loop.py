@@ -118,6 +118,12 @@ class _WallClock:
     write_atomically(self._path, json.dumps(self._records, indent=1))
 
 
+def _next_stop(step: int, total_steps: int, *periods: int) -> int:
+  """The first step after ``step`` at which the loop stops to log, evaluate,
+  change epoch or save: a multiple of one of ``periods``, or the last."""
+  return min([total_steps] + [(step // p + 1) * p for p in periods])
+
+
 def _finished_summary(workdir: str, total_steps: int) -> dict | None:
   """The summary of a run that finished in ``workdir``, else None."""
   path = os.path.join(workdir, "summary.json")
@@ -172,17 +178,32 @@ def _train_and_evaluate_locked(config, workdir: str, exp: Experiment) -> dict:
   pending, evals, train_record, evaluated = [], {}, {}, False
   train_data = exp.train_data()
   epoch, epoch_indices = None, None
+  every = config.steps_per_dispatch
+  step, dispatches = start, 0
   try:
     with checkpoints.SignalFlag() as signals:
-      for step in range(start + 1, total_steps + 1):
-        if (step - 1) // steps_per_epoch != epoch:
-          epoch = (step - 1) // steps_per_epoch
+      while step < total_steps:
+        if step // steps_per_epoch != epoch:
+          epoch = step // steps_per_epoch
           epoch_indices = exp.epoch_indices(epoch)
         # Dispatch is asynchronous: the host runs ahead until it needs a value.
-        state, metrics = exp.step_on_device_data(state, train_data,
-                                                 epoch_indices)
-        if step == start + 1:  # The call returns once the step has compiled.
+        # A stretch of `every` steps runs as one program when it ends before
+        # the next step the loop stops at; otherwise one step at a time.
+        stop_at = _next_stop(step, total_steps, steps_per_epoch,
+                             config.log_every_steps,
+                             config.checkpoint_every_steps)
+        if every > 1 and stop_at - step >= every:
+          state, metrics = exp.steps_on_device_data(state, train_data,
+                                                    epoch_indices, every)
+          step += every
+        else:
+          state, metrics = exp.step_on_device_data(state, train_data,
+                                                   epoch_indices)
+          metrics = jax.tree.map(lambda m: m[None], metrics)
+          step += 1
+        if not dispatches:  # The call returns once the step has compiled.
           progress.start()
+        dispatches += 1
         pending.append(metrics)
         last = step == total_steps
         log = step % config.log_every_steps == 0 or last
@@ -191,8 +212,8 @@ def _train_and_evaluate_locked(config, workdir: str, exp: Experiment) -> dict:
         if synced:
           _raise_if_nonfinite(state, checkpointer)
         if log:
-          means = summarise_steps(
-              jax.tree.map(lambda *m: np.stack(m), *jax.device_get(pending)))
+          means = summarise_steps(jax.tree.map(
+              lambda *m: np.concatenate(m), *jax.device_get(pending)))
           pending = []
           train_record = {f"train/{k}": v for k, v in means.items()}
           writer.write(step, train_record)  # Timings stay out: runs must diff.
@@ -209,8 +230,9 @@ def _train_and_evaluate_locked(config, workdir: str, exp: Experiment) -> dict:
           logging.info("step %d: %s", step,
                        ", ".join(f"{k} {v:.4f}" for k, v in evals.items()))
         # Asked here, after logging, so that a signal that came during this
-        # step is answered at its end.
-        preempted = signals.preempted(step)
+        # dispatch is answered at its end; counted in dispatches, which every
+        # process makes alike.
+        preempted = signals.preempted(dispatches)
         if preempted and not synced:
           _raise_if_nonfinite(state, checkpointer)
         if checkpointer.maybe_save(step, state, force=last or preempted):

@@ -278,6 +278,18 @@ def train_step_on_device_data(state: TrainState, train_data, epoch_indices,
   return train_step(state, batch, **kwargs)
 
 
+def train_steps_on_device_data(state: TrainState, train_data, epoch_indices,
+                               num_steps: int, **kwargs):
+  """``num_steps`` consecutive `train_step_on_device_data` steps in one
+  program (``lax.scan``): the same steps, one dispatch. The metrics come back
+  stacked, ``[num_steps]`` each. The steps must lie in one epoch (the one
+  ``epoch_indices`` holds)."""
+  def one(state, _):
+    return train_step_on_device_data(state, train_data, epoch_indices,
+                                     **kwargs)
+  return jax.lax.scan(one, state, length=num_steps)
+
+
 def summarise_steps(metrics: dict) -> dict[str, float]:
   """Means of per-step metrics (``{name: [steps]}``) over the applied steps.
 

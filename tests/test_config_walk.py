@@ -126,6 +126,7 @@ WALK = {
         "eval_every_epochs": (INT, {HUGE_INT: TRAINS}),
         "log_every_steps": (INT, {HUGE_INT: TRAINS}),
         "checkpoint_every_steps": (INT, {HUGE_INT: TRAINS}),
+        "steps_per_dispatch": (INT, {HUGE_INT: TRAINS}),
         "keep_checkpoints": (INT, {HUGE_INT: TRAINS}),
         "on_nonfinite": (STRING, {}),
     }),

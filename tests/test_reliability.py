@@ -82,9 +82,13 @@ def test_the_step_freezes_the_state_at_the_first_nonfinite_loss():
     np.testing.assert_array_equal(a, b)
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+# With 4 steps per dispatch, steps 11-14 (the NaN at 13) are one stretch.
+@pytest.mark.parametrize("steps_per_dispatch", [1, 4])
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    tmp_path, steps_per_dispatch):
   config = tiny_mnist1d(num_steps=30, checkpoint_every_steps=5,
-                        log_every_steps=5)
+                        log_every_steps=5,
+                        steps_per_dispatch=steps_per_dispatch)
   dataset = _poisoned(config, _batch(config, 12)[0])
   with pytest.raises(NonFiniteError) as error:
     train.train_and_evaluate(config, str(tmp_path), dataset=dataset)
@@ -113,8 +117,13 @@ def test_an_infinite_update_is_named_and_nothing_is_saved(tmp_path):
   assert os.listdir(tmp_path / "checkpoints") == []
 
 
-def test_skip_mode_leaves_the_state_as_it_was_and_counts(tmp_path):
-  config = tiny_mnist1d(num_steps=24, on_nonfinite="skip", log_every_steps=6)
+# With 3 steps per dispatch, the loop stops at 6, 12, 14, 18 and 24: the
+# first poisoned step, 4 (1-based), runs inside the stretch 4-6.
+@pytest.mark.parametrize("steps_per_dispatch", [1, 3])
+def test_skip_mode_leaves_the_state_as_it_was_and_counts(tmp_path,
+                                                         steps_per_dispatch):
+  config = tiny_mnist1d(num_steps=24, on_nonfinite="skip", log_every_steps=6,
+                        steps_per_dispatch=steps_per_dispatch)
   # An example drawn at step 3 and again in the second epoch (14 steps).
   later = np.concatenate([_batch(config, s) for s in range(14, 24)])
   index = min(set(_batch(config, 3)) & set(later))
