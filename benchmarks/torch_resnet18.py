@@ -130,7 +130,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-# --- The model, the augmentation and the steps --------------------------------
+# --- The model, the augmentation and the steps -------------------------------
 
 
 def resnet18(num_classes: int = 100, num_filters: int = 64):
@@ -291,7 +291,7 @@ class Trainer:
     return loss
 
 
-# --- Timing, as gnp.bench ------------------------------------------------------
+# --- Timing, as gnp.bench ----------------------------------------------------
 
 
 class Runner:
@@ -385,7 +385,7 @@ def summarise(runners: dict, *, batch_size: int, block: int) -> list[dict]:
   return rows
 
 
-# --- Reports -------------------------------------------------------------------
+# --- Reports -----------------------------------------------------------------
 
 
 def machine(device) -> dict:
@@ -469,7 +469,7 @@ def write(results: dict, out: str) -> None:
   _write_atomically(os.path.join(out, "torch_bench.md"), to_markdown(results))
 
 
-# --- The run ---------------------------------------------------------------------
+# --- The run -----------------------------------------------------------------
 
 
 def run(args: argparse.Namespace, command: str = "") -> dict:

@@ -41,7 +41,7 @@ def _run_without_torch(*args):
                         text=True, timeout=60, cwd=ROOT)
 
 
-# --- Without torch ---------------------------------------------------------------
+# --- Without torch -----------------------------------------------------------
 
 
 def test_help_needs_no_torch():
@@ -155,7 +155,7 @@ def test_gnp_never_imports_torch():
         assert "import torch" not in text and "from torch" not in text, name
 
 
-# --- With torch --------------------------------------------------------------------
+# --- With torch --------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
