@@ -223,7 +223,7 @@ def machine() -> dict:
 class _Runner:
   """One method's experiment, its state threaded through donated steps."""
 
-  def __init__(self, exp, warmup: int):
+  def __init__(self, exp, warmup: int, steps_per_dispatch: int = 1):
     self.step_fn = exp.step
     self.state = exp.init()
     self.batch = exp.train_batch(0)  # On the device once, reused every step.
@@ -236,6 +236,15 @@ class _Runner:
         + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
     for _ in range(warmup + 1):
       self.step()
+    # The loop's own path, k steps per dispatch (``steps_per_dispatch``):
+    # batches gathered on the device from the resident training split.
+    self.steps_per_dispatch = steps_per_dispatch
+    self.stretch_times: list[float] = []
+    if steps_per_dispatch > 1:
+      self.stretch_fn = exp.steps_on_device_data
+      self.train_data = exp.train_data()
+      self.epoch_indices = exp.epoch_indices(0)
+      self.stretch(1)  # Compiles.
     stats = jax.local_devices()[0].memory_stats()  # None on CPU.
     self.device_peak_bytes = (stats or {}).get("peak_bytes_in_use")
     self.times: list[float] = []  # Synchronised steps.
@@ -263,6 +272,19 @@ class _Runner:
     return (time.perf_counter() - started) / steps
 
 
+  def stretch(self, stretches: int) -> float:
+    """Seconds per step of ``stretches`` dispatches of k steps each (the
+    loop's `steps_per_dispatch`), then one wait."""
+    started = time.perf_counter()
+    for _ in range(stretches):
+      self.state, metrics = self.stretch_fn(
+          self.state, self.train_data, self.epoch_indices,
+          self.steps_per_dispatch)
+    jax.block_until_ready((self.state, metrics))
+    return ((time.perf_counter() - started)
+            / (stretches * self.steps_per_dispatch))
+
+
 def time_interleaved(runners: dict, *, repeats: int, block: int) -> None:
   """Appends ``repeats`` step times to each runner, methods interleaved."""
   names = list(runners)
@@ -284,15 +306,19 @@ def time_pipelined(runners: dict, *, repeats: int, block: int) -> None:
     shift = round_index % len(names)
     for name in names[shift:] + names[:shift]:
       runner = runners[name]
-      runner.burst_times.append(
-          runner.burst(min(block, repeats - round_index * block)))
+      steps = min(block, repeats - round_index * block)
+      runner.burst_times.append(runner.burst(steps))
+      if runner.steps_per_dispatch > 1:
+        runner.stretch_times.append(
+            runner.stretch(max(1, steps // runner.steps_per_dispatch)))
 
 
 # --- One model ---------------------------------------------------------------
 
 
 def bench_model(model: str, methods, *, repeats: int, warmup: int, block: int,
-                dtype: str, batch_size: int | None, smoke: bool) -> dict:
+                dtype: str, batch_size: int | None, smoke: bool,
+                steps_per_dispatch: int = 1) -> dict:
   """Times ``methods`` on ``model``; returns its section of bench.json."""
   base = base_config(model, dtype=dtype, smoke=smoke)
   if batch_size:
@@ -304,7 +330,7 @@ def bench_model(model: str, methods, *, repeats: int, warmup: int, block: int,
       exp = experiment.create_experiment(method_config(base, method), dataset)
       # Compiling traces the step: a model the method cannot handle (ghost
       # norms of a BatchNorm model) is refused there.
-      runners[method] = _Runner(exp, warmup)
+      runners[method] = _Runner(exp, warmup, steps_per_dispatch)
     except UserError as e:
       refused[method] = str(e)
       logging.info("%s/%s: n/a (%s)", model, method, e)
@@ -336,6 +362,7 @@ def bench_model(model: str, methods, *, repeats: int, warmup: int, block: int,
           pipelined_examples_per_s=float(
               base.batch_size / np.median(runner.burst_times)),
           burst_ms=[round(float(t) * 1e3, 4) for t in runner.burst_times],
+          steps_per_dispatch=runner.steps_per_dispatch,
           ratio=None, ratio_q25=None, ratio_q75=None,
           compile_s=runner.compile_s,
           xla_memory_bytes=runner.xla_memory_bytes,
@@ -358,6 +385,12 @@ def bench_model(model: str, methods, *, repeats: int, warmup: int, block: int,
                   for i in range(0, repeats, block)]
         row["ratio_q25"], row["ratio_q75"] = (
             float(q) for q in np.percentile(rounds, [25, 75]))
+    if method not in refused and runner.stretch_times:
+      stretch_ms = float(np.median(runner.stretch_times) * 1e3)
+      row.update(dispatch_ms=stretch_ms,
+                 dispatch_examples_per_s=base.batch_size / stretch_ms * 1e3,
+                 stretch_ms=[round(float(t) * 1e3, 4)
+                             for t in runner.stretch_times])
     row.update(_judge(model, method, row, setting))
     rows.append(row)
   return {"model": model, "setting": setting, "repeats": repeats,
@@ -498,6 +531,19 @@ def to_markdown(results: dict) -> str:
     notes += [_branch_note(r) for r in section["rows"]
               if r.get("expected_ms") is not None]
     lines += [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
+    stretched = [r for r in section["rows"] if r.get("dispatch_ms")]
+    if stretched:
+      k = stretched[0]["steps_per_dispatch"]
+      lines += [
+          f"{k} steps per dispatch (`steps_per_dispatch={k}`, the loop's"
+          " path: batches gathered on the device, one program of k steps),"
+          " against the pipelined single steps above:", "",
+          "| method | ms/step | examples/s | × pipelined single steps |",
+          "|---|---:|---:|---:|",
+      ] + [f"| {r['label']} | {r['dispatch_ms']:.3f} "
+           f"| {r['dispatch_examples_per_s']:,.0f} "
+           f"| {r['dispatch_ms'] / r['pipelined_ms']:.2f}× |"
+           for r in stretched] + [""]
   lines += [
       ("- × plain: the quotient of the medians; in brackets the quartiles of"
        " the per-round quotients of block medians."),
@@ -513,7 +559,8 @@ def to_markdown(results: dict) -> str:
 def run(*, models=("mlp",), methods=tuple(METHODS), repeats: int = 500,
         warmup: int = 20, block: int = 10, out: str | None = None,
         dtype: str | None = None, batch_size: int | None = None,
-        smoke: bool = False, command: str = "") -> dict:
+        smoke: bool = False, steps_per_dispatch: int = 1,
+        command: str = "") -> dict:
   """Benchmarks ``methods`` on each model; writes bench.{json,md} to ``out``.
 
   ``plain`` is always timed (first), since every ratio is to it.
@@ -526,8 +573,9 @@ def run(*, models=("mlp",), methods=tuple(METHODS), repeats: int = 500,
     if model not in MODELS:
       raise UserError(f"unknown model {model!r}; choose from"
                       f" {', '.join(MODELS)}.")
-  if min(repeats, block) < 1 or warmup < 0:
-    raise UserError("repeats and block must be ≥ 1 and warmup ≥ 0.")
+  if min(repeats, block, steps_per_dispatch) < 1 or warmup < 0:
+    raise UserError("repeats, block and steps_per_dispatch must be ≥ 1 and"
+                    " warmup ≥ 0.")
   methods = ["plain"] + [m for m in METHODS if m in methods and m != "plain"]
   if dtype is None:
     dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
@@ -536,7 +584,8 @@ def run(*, models=("mlp",), methods=tuple(METHODS), repeats: int = 500,
       "models": [bench_model(model, [m for m in methods
                                      if ONLY_FOR.get(m, model) == model],
                              repeats=repeats, warmup=warmup, block=block,
-                             dtype=dtype, batch_size=batch_size, smoke=smoke)
+                             dtype=dtype, batch_size=batch_size, smoke=smoke,
+                             steps_per_dispatch=steps_per_dispatch)
                  for model in models],
   }
   if out:
@@ -587,6 +636,10 @@ _DTYPE = flags.DEFINE_enum(
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", None, "Override every model's batch size (targets then do"
     " not apply).")
+_STEPS_PER_DISPATCH = flags.DEFINE_integer(
+    "steps_per_dispatch", 1, "Also time the training loop's path with this"
+    " many steps per dispatch (config.steps_per_dispatch) when > 1: a table"
+    " of its per-step time against the pipelined single steps.")
 _SMOKE = flags.DEFINE_bool(
     "smoke", False, "Tiny models, data and batches (tests); targets do not"
     " apply. Combine with small --repeats/--warmup.")
@@ -604,6 +657,7 @@ def main(argv):
                   repeats=_REPEATS.value, warmup=_WARMUP.value,
                   block=_BLOCK.value, out=_OUT.value, dtype=_DTYPE.value,
                   batch_size=_BATCH_SIZE.value, smoke=_SMOKE.value,
+                  steps_per_dispatch=_STEPS_PER_DISPATCH.value,
                   command=" ".join(["python -m gnp.bench", *sys.argv[1:]]))
   except UserError as e:
     raise SystemExit(f"gnp.bench: error: {e}") from None

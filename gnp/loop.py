@@ -118,6 +118,27 @@ class _WallClock:
     write_atomically(self._path, json.dumps(self._records, indent=1))
 
 
+def _steps_per_dispatch(config, exp: Experiment) -> int:
+  """``config.steps_per_dispatch``, or 1 where stretches would be slower.
+
+  XLA's CPU backend runs a convolution inside a loop (here, the stretch's
+  ``lax.scan``) far slower than the same convolution at the top level: its
+  gradient convolutions miss the fast path (jax-ml/jax#12868). The mnist1d
+  CNN's step took 17× longer in stretches of 5 than alone. So on the CPU a
+  model with convolution kernels (parameters of 3 or more axes) runs step
+  by step, with a warning; the run is the same either way.
+  """
+  every = config.steps_per_dispatch
+  if every > 1 and jax.default_backend() == "cpu" and any(
+      leaf.ndim >= 3 for leaf in jax.tree.leaves(exp.abstract_state.params)):
+    logging.warning(
+        "steps_per_dispatch=%d is ignored: on the CPU, XLA runs"
+        " convolutions inside a loop many times slower, so this model's"
+        " steps are dispatched one at a time.", every)
+    return 1
+  return every
+
+
 def _next_stop(step: int, total_steps: int, *periods: int) -> int:
   """The first step after ``step`` at which the loop stops to log, evaluate,
   change epoch or save: a multiple of one of ``periods``, or the last."""
@@ -178,7 +199,7 @@ def _train_and_evaluate_locked(config, workdir: str, exp: Experiment) -> dict:
   pending, evals, train_record, evaluated = [], {}, {}, False
   train_data = exp.train_data()
   epoch, epoch_indices = None, None
-  every = config.steps_per_dispatch
+  every = _steps_per_dispatch(config, exp)
   step, dispatches = start, 0
   try:
     with checkpoints.SignalFlag() as signals:

@@ -293,3 +293,33 @@ def test_a_failed_write_leaves_the_previous_files_whole(tmp_path):
   with pytest.raises(TypeError):
     bench.write({"command": object()}, str(tmp_path))  # Not serialisable.
   assert json.load(open(tmp_path / "bench.json")) == {"old": True}
+
+
+def test_steps_per_dispatch_times_the_loops_stretches(tmp_path):
+  results = bench.run(models=("mlp",), methods=("sam",), repeats=6, warmup=1,
+                      block=4, out=str(tmp_path), smoke=True,
+                      steps_per_dispatch=2, command="test")
+  section = results["models"][0]
+  markdown = open(tmp_path / "bench.md").read()
+  assert "2 steps per dispatch (`steps_per_dispatch=2`" in markdown
+  for row in section["rows"]:
+    # Bursts of 4 and 2 steps: stretches of 2, two and then one of them.
+    assert row["steps_per_dispatch"] == 2 and len(row["stretch_ms"]) == 2
+    assert row["dispatch_ms"] == pytest.approx(np.median(row["stretch_ms"]),
+                                               rel=1e-3)
+    assert row["dispatch_examples_per_s"] == pytest.approx(
+        section["setting"]["batch_size"] / row["dispatch_ms"] * 1e3)
+    assert (f"| {row['label']} | {row['dispatch_ms']:.3f} "
+            f"| {row['dispatch_examples_per_s']:,.0f} "
+            f"| {row['dispatch_ms'] / row['pipelined_ms']:.2f}× |") in markdown
+  with pytest.raises(UserError, match="steps_per_dispatch must be ≥ 1"):
+    bench.run(models=("mlp",), methods=("plain",), steps_per_dispatch=0)
+
+
+def test_a_stretch_runs_its_k_steps():
+  config = bench.base_config("mlp", smoke=True)
+  exp = train.create_experiment(config)
+  runner = bench._Runner(exp, warmup=0, steps_per_dispatch=3)
+  assert int(runner.state.step) == 1 + 3  # One step, one compiling stretch.
+  runner.stretch(2)
+  assert int(runner.state.step) == 10

@@ -137,3 +137,19 @@ def test_a_signal_during_a_stretch_saves_its_last_step(tmp_path, monkeypatch):
   # A log record covers the steps of its invocation since the last log, so
   # the one at step 10 holds only steps 9 and 10 in the resumed run.
   _assert_same_run(straight, run_dir, after=10)
+
+
+def test_a_convolutional_model_on_the_cpu_runs_step_by_step(tmp_path,
+                                                           monkeypatch,
+                                                           caplog):
+  if jax.default_backend() != "cpu":
+    pytest.skip("the fallback is for XLA's CPU backend")
+  overrides = {**OVERRIDES, "num_steps": 8, "model.name": "cnn"}
+  train.train_and_evaluate(tiny_mnist1d(**overrides), str(tmp_path / "one"))
+  ends = _counting(monkeypatch)
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(tiny_mnist1d(steps_per_dispatch=4, **overrides),
+                             str(tmp_path / "four"))
+  assert ends == []
+  assert "steps_per_dispatch=4 is ignored" in caplog.text
+  _assert_same_run(tmp_path / "one", tmp_path / "four")
