@@ -11,6 +11,9 @@ The step records a non-finite loss or update in the state; the loop reads
 that record only where it syncs anyway (log, evaluation and checkpoint
 steps), before anything is saved. SIGTERM / SIGINT set a flag the loop reads
 between steps; it saves and raises `gnp.errors.Preempted`.
+
+The summary's ``timing`` says where this invocation's time went (`_Timings`):
+enough to measure a configuration's speed from a few epochs of its real run.
 """
 
 from __future__ import annotations
@@ -139,6 +142,74 @@ def _steps_per_dispatch(config, exp: Experiment) -> int:
   return every
 
 
+class _Timings:
+  """Where this invocation's time went: compilation, epochs, evaluations.
+
+  Read with `time.perf_counter` where the loop waits for the device anyway,
+  or at an epoch's end, where waiting once costs one drained pipeline per
+  epoch; never between an epoch's steps. The summary holds them as
+  ``timing``; like ``examples_per_second``, they describe this invocation
+  only, and they stay out of ``metrics.jsonl``:
+
+  - ``compile_s``: from just before the first dispatch to its return, which
+    waits for the step to compile (None if no step ran).
+  - ``epoch_train_s``: each epoch run whole in this invocation, from the end
+    of the previous one's evaluation (or the first dispatch) until its last
+    step is done, its own evaluation left out; ``epochs`` numbers them from
+    1. An epoch begun before a resume, or cut short by ``num_steps``, is
+    left out. ``first_epoch_includes_compile`` is true when the first timed
+    epoch holds the first dispatch: then its time includes ``compile_s``.
+    A program the loop compiles later (single steps between stretches of
+    ``steps_per_dispatch``) counts in the epoch that first runs it; a
+    checkpoint saved within an epoch in that epoch, one saved at its end in
+    the next.
+  - ``evaluation_s``: each evaluation of the validation and test splits; the
+    first compiles the evaluation.
+  """
+
+  def __init__(self, start: int, steps_per_epoch: int):
+    self._start, self._steps_per_epoch = start, steps_per_epoch
+    self._compile_s = None
+    self._epochs, self._epoch_train_s, self._evaluation_s = [], [], []
+    self._since = time.perf_counter()
+
+  def dispatching(self) -> None:
+    """The first dispatch follows: compilation and the first epoch start."""
+    self._since = time.perf_counter()
+
+  def compiled(self) -> None:
+    """The first dispatch returned: its program has compiled."""
+    self._compile_s = time.perf_counter() - self._since
+
+  def epoch_done(self, step: int) -> None:
+    """The epoch that ends at ``step`` has finished on the device."""
+    now = time.perf_counter()
+    if step - self._steps_per_epoch >= self._start:  # Run whole here.
+      self._epochs.append(step // self._steps_per_epoch)
+      self._epoch_train_s.append(now - self._since)
+    self._since = now
+
+  def evaluated(self, started: float) -> tuple[float, bool]:
+    """An evaluation begun at ``started`` is done: its seconds, and whether
+    it was the first."""
+    now = time.perf_counter()
+    self._evaluation_s.append(now - started)
+    self._since = now  # The next epoch's time starts after the evaluation.
+    return self._evaluation_s[-1], len(self._evaluation_s) == 1
+
+  def summary(self) -> dict:
+    return {
+        "compile_s": self._compile_s,
+        "epochs": list(self._epochs),
+        "epoch_train_s": list(self._epoch_train_s),
+        "first_epoch_includes_compile": bool(
+            self._epochs and self._start
+            == (self._epochs[0] - 1) * self._steps_per_epoch),
+        "evaluation_s": list(self._evaluation_s),
+        "first_evaluation_includes_compile": bool(self._evaluation_s),
+    }
+
+
 def _next_stop(step: int, total_steps: int, *periods: int) -> int:
   """The first step after ``step`` at which the loop stops to log, evaluate,
   change epoch or save: a multiple of one of ``periods``, or the last."""
@@ -185,22 +256,30 @@ def _train_and_evaluate_locked(config, workdir: str, exp: Experiment) -> dict:
                total_steps, steps_per_epoch, config.batch_size, exp.mesh.size,
                config.method)
 
+  timings = _Timings(start, steps_per_epoch)
+
   def evaluate_splits() -> dict[str, float]:
+    jax.block_until_ready(state)  # The training before it is not its time.
+    started = time.perf_counter()
     record = {}
     for name in ("validation", "test"):
       arrays = getattr(dataset, name)
       if arrays is not None:
         for k, v in exp.evaluate(state, arrays).items():
           record[f"{name}/{k}"] = v
+    seconds, first = timings.evaluated(started)
+    if first:  # It compiled the evaluation: not training speed.
+      progress.exclude(seconds)
     return record
 
   progress = Progress(total_steps, config.batch_size, start)
   started = time.perf_counter()
-  pending, evals, train_record, evaluated = [], {}, {}, False
+  pending, evals, train_record = [], {}, {}
   train_data = exp.train_data()
   epoch, epoch_indices = None, None
   every = _steps_per_dispatch(config, exp)
   step, dispatches = start, 0
+  timings.dispatching()
   try:
     with checkpoints.SignalFlag() as signals:
       while step < total_steps:
@@ -223,6 +302,7 @@ def _train_and_evaluate_locked(config, workdir: str, exp: Experiment) -> dict:
           metrics = jax.tree.map(lambda m: m[None], metrics)
           step += 1
         if not dispatches:  # The call returns once the step has compiled.
+          timings.compiled()
           progress.start()
         dispatches += 1
         pending.append(metrics)
@@ -239,14 +319,11 @@ def _train_and_evaluate_locked(config, workdir: str, exp: Experiment) -> dict:
           train_record = {f"train/{k}": v for k, v in means.items()}
           writer.write(step, train_record)  # Timings stay out: runs must diff.
           progress.report(step, step / steps_per_epoch, train_record)
+        if step % steps_per_epoch == 0:
+          jax.block_until_ready(state)
+          timings.epoch_done(step)
         if epoch_end or last:
-          if not evaluated:  # Compiles the evaluation: not training speed.
-            jax.block_until_ready(state)
-            evaluation_started = time.perf_counter()
           evals = evaluate_splits()
-          if not evaluated:
-            progress.exclude(time.perf_counter() - evaluation_started)
-            evaluated = True
           writer.write(step, evals)
           logging.info("step %d: %s", step,
                        ", ".join(f"{k} {v:.4f}" for k, v in evals.items()))
@@ -283,6 +360,7 @@ def _train_and_evaluate_locked(config, workdir: str, exp: Experiment) -> dict:
       "steps_this_invocation": int(state.step) - start,
       "examples_per_second": (int(state.step) - start) * config.batch_size
                              / max(wall_time, 1e-9),
+      "timing": timings.summary(),
       **train_record, **evals,
   }
   if jax.process_index() == 0:

@@ -344,6 +344,24 @@ MUTANTS = [
        "if (value < chance + (median - chance) / 2",
        "if (value < chance + (median - chance) / 4",
        [T + "test_report.py"], "the collapse rule is looser than documented"),
+    _m("timing_partial_epoch", "gnp/loop.py",
+       "if step - self._steps_per_epoch >= self._start:  # Run whole here.",
+       "if True:  # Run whole here.",
+       [T + "test_loop_speed.py::test_a_resumed_run_times_only_the_epochs_it_"
+        "ran_whole"],
+       "a resumed run times the epoch it began before the resume"),
+    _m("timing_evaluation_in_epoch", "gnp/loop.py",
+       "self._since = now  # The next epoch's time starts after the evaluation.",
+       "pass",
+       [T + "test_loop_speed.py::test_a_run_times_each_epoch_and_each_"
+        "evaluation_apart"],
+       "an evaluation's time also counted in the epoch after it"),
+    _m("loop_speed_evaluations_rounded_down", "tools/loop_speed.py",
+       "num_evaluations = math.ceil(num_epochs / eval_every_epochs)",
+       "num_evaluations = num_epochs // eval_every_epochs",
+       [T + "test_loop_speed.py::test_the_estimate_is_the_formula_worked_out_"
+        "by_hand"],
+       "the estimate leaves out the last evaluation of an uneven period"),
 ]
 
 # name -> why it survives and is harmless (empty when every mutant dies).
