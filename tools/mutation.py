@@ -109,9 +109,8 @@ MUTANTS = [
        "inverse = 1.0 / norm",
        [T + "test_gradient_norm.py::test_zero_gradient_gives_finite_zero_update"], "‖g‖ = 0 gives NaN"),
     _m("groups_share_a_key", "gnp/penalties/_base.py",
-       "jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num_groups))",
-       "jax.random.fold_in, in_axes=(None, 0))(key, 0 * jnp.arange("
-       "num_groups))",
+       "jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(n))",
+       "jax.random.fold_in, in_axes=(None, 0))(key, 0 * jnp.arange(n))",
        [T + "test_gradient_norm.py::test_group_size_is_mean_over_groups"],
        "every m-sharpness group draws the same randomness"),
     _m("ghost_gram_without_bias", "gnp/penalties/ghost.py",
