@@ -10,10 +10,9 @@ scored by the final validation accuracy; the best of each is retrained for
 experiment reported (fixed arms, not tuned). The arm ``clip`` is §7's
 comparison method, robust per-example gradient clipping (τ = median + k ·
 1.4826 · MAD of the batch's per-example gradient norms), tuned over the
-learning rate, the weight decay and k. On 2 CPU cores it took 2 min 24 s
-idle (commit 84fd42d) and 3 min 16 s with one core busy elsewhere (commit
-2669603; 2 min 56 s with ``--config.tuning.pruner=halving``: see "Pruning"
-in docs/results/README.md); ``--config.tuning.replicates=3`` (three
+learning rate, the weight decay and k. On 2 idle CPU cores it took 2 min
+01 s (commit 2672afa; 1 min 39 s with ``--config.tuning.pruner=halving``:
+see "Pruning" in docs/results/README.md); ``--config.tuning.replicates=3`` (three
 independent tuning draws, as docs/results reports it) took 17.5 min with
 the cores shared.
 Over three replicates GNVR's effect on test accuracy is +1.3 pp [−1.6,
