@@ -88,3 +88,14 @@ def assert_auto_falls_back_to_vmap(monkeypatch, loss_fn, params, batch):
   jax.eval_shape(penalties.gradient_norm_variance(loss_fn, lam=0.1),
                  params, batch, None)
   assert calls
+
+
+def plain_types(value) -> bool:
+  """Whether ``value`` holds only what `json` writes as it is: dicts with
+  string keys, lists, str, int, float, bool and None (no numpy scalars)."""
+  if isinstance(value, dict):
+    return all(isinstance(k, str) and plain_types(v)
+               for k, v in value.items())
+  if isinstance(value, list):
+    return all(plain_types(v) for v in value)
+  return value is None or type(value) in (str, int, float, bool)

@@ -23,6 +23,7 @@ import pytest
 
 from gnp import train
 from gnp.experiment import Experiment
+from tests.helpers import plain_types
 from tests.helpers import ROOT
 from tests.helpers import tiny_mnist1d
 from tools import loop_speed
@@ -118,15 +119,6 @@ def test_cifar_configs_become_synthetic_data_of_cifars_size():
   assert config.num_epochs == 200 and config.steps_per_dispatch == 10
 
 
-def _plain_types(value) -> bool:
-  if isinstance(value, dict):
-    return all(isinstance(k, str) and _plain_types(v)
-               for k, v in value.items())
-  if isinstance(value, list):
-    return all(_plain_types(v) for v in value)
-  return value is None or type(value) in (str, int, float, bool)
-
-
 def test_smoke_run_estimates_the_full_run_by_its_formula(tmp_path):
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
@@ -137,7 +129,7 @@ def test_smoke_run_estimates_the_full_run_by_its_formula(tmp_path):
         f"--workdir={tmp_path}"])
   with open(tmp_path / "loop_speed.json") as f:
     results = json.load(f)
-  assert _plain_types(results)
+  assert plain_types(results)
   with open(tmp_path / "loop_speed.md") as f:
     assert printed.getvalue() == f.read()
   timing, estimate = results["timing"], results["estimate"]

@@ -21,6 +21,7 @@ import pytest
 from tools import hlo_kernels
 from tools import profile_step
 from tools import step_trace
+from tests.helpers import plain_types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,18 +38,9 @@ def smoke(tmp_path_factory):
   return results, {r["method"]: r for r in results["rows"]}, out, printed
 
 
-def _plain_types(value) -> bool:
-  if isinstance(value, dict):
-    return all(isinstance(k, str) and _plain_types(v)
-               for k, v in value.items())
-  if isinstance(value, list):
-    return all(_plain_types(v) for v in value)
-  return value is None or type(value) in (str, int, float, bool)
-
-
 def test_smoke_run_writes_plain_json_and_prints_its_table(smoke):
   results, rows, out, printed = smoke
-  assert _plain_types(results)
+  assert plain_types(results)
   assert results["setting"]["smoke"] and results["setting"]["steps"] == 3
   assert list(rows) == ["plain", "sam"]
   with open(out / "profile.md") as f:
