@@ -121,7 +121,7 @@ def test_the_coin_does_not_reuse_the_keys_other_draws():
 
 @pytest.mark.parametrize("options", [{"group_size": 4},
                                      {"adaptive": True, "eta": 0.05}])
-def test_probability_one_is_sam_bitwise(options):
+def test_probability_one_is_sam(options):
   loss_fn, params, batch = tiny_problem(1)
   key = jax.random.key(4)
   sam = jax.jit(gnp.penalties.sam(loss_fn, rho=0.2, **options).with_stats)
@@ -130,7 +130,11 @@ def test_probability_one_is_sam_bitwise(options):
   (loss, aux), grads, stats = sam(params, batch, key)
   (rst_loss, rst_aux), rst_grads, rst_stats = rst(params, batch, key)
   assert float(rst_stats.pop("sam_step")) == 1.0
-  jax.tree.map(np.testing.assert_array_equal, (loss, aux, grads, stats),
+  # To float32 rounding: RST's second pass runs inside a conditional, which
+  # XLA may fuse otherwise than SAM's (one unit in the last place seen).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
+                                                       atol=1e-8),
+               (loss, aux, grads, stats),
                (rst_loss, rst_aux, rst_grads, rst_stats))
 
 

@@ -104,7 +104,7 @@ def ascent_direction(params, grads, adaptive=False, eta=0.01):
 
 
 def perturbed_gradients(loss_fn, params, batch, key, radius, split=False,
-                        adaptive=False, eta=0.01):
+                        adaptive=False, eta=0.01, when=None):
   """The two passes shared by finite-difference GNP and SAM.
 
   Returns (loss, aux, g, ‖g‖, d, perturbed loss, ∇L(θ + radius d), ‖T ⊙ g‖)
@@ -112,7 +112,10 @@ def perturbed_gradients(loss_fn, params, batch, key, radius, split=False,
   ``adaptive``); `aux` comes from the unperturbed pass (its batch statistics
   are the ones to keep). With `split`, low-precision layers see the
   perturbation exactly (`precision.value_and_grad_at`); without such layers
-  nothing changes.
+  nothing changes. With ``when`` (a boolean scalar), the second pass runs
+  only where it is true, under ``lax.cond``; where it is false, the
+  perturbed loss and gradient are L(θ) and ∇L(θ) (RST's plain step, which
+  so shares the first pass with SAM's and adds nothing to it).
   """
   if split and isinstance(loss_fn, accumulation.AccumulatedLoss):
     raise ValueError(
@@ -130,14 +133,24 @@ def perturbed_gradients(loss_fn, params, batch, key, radius, split=False,
     (loss, aux), grads = value_and_grad(params)
   direction, grad_norm, scaled_norm = ascent_direction(params, grads,
                                                        adaptive, eta)
-  if calls:
-    shift = jax.tree.map(lambda p, d: (radius * d).astype(p.dtype), params,
-                         direction)
-    (perturbed_loss, _), perturbed_grads = precision.value_and_grad_at(
-        _base.mean_loss_fn(loss_fn, batch, key), params, shift, calls=calls)
+
+  def second_pass():
+    if calls:
+      shift = jax.tree.map(lambda p, d: (radius * d).astype(p.dtype), params,
+                           direction)
+      (perturbed_loss, _), perturbed_grads = precision.value_and_grad_at(
+          _base.mean_loss_fn(loss_fn, batch, key), params, shift,
+          calls=calls)
+    else:
+      perturbed = _mix(params, direction, 1.0, radius)
+      (perturbed_loss, _), perturbed_grads = value_and_grad(perturbed)
+    return perturbed_loss, perturbed_grads
+
+  if when is None:
+    perturbed_loss, perturbed_grads = second_pass()
   else:
-    perturbed = _mix(params, direction, 1.0, radius)
-    (perturbed_loss, _), perturbed_grads = value_and_grad(perturbed)
+    perturbed_loss, perturbed_grads = jax.lax.cond(
+        when, second_pass, lambda: (loss, grads))
   return (loss, aux, grads, grad_norm, direction, perturbed_loss,
           perturbed_grads, scaled_norm)
 

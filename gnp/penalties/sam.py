@@ -57,12 +57,16 @@ per step as a traced scalar; G-RST is not implemented.
 
 The coin is ``bernoulli(fold_in(key, _COIN_SALT), p)``: one per call, for the
 whole batch (with m-sharpness too), independent of the key's other uses
-(dropout; the groups' ``fold_in(key, j)``, j < B). Under ``jax.jit`` the
-choice is a ``lax.cond``, an XLA conditional that runs one branch, so a
-plain step costs a plain step. Under ``jax.vmap`` with a key per member (a
-vmapped population, `gnp.population`, as the studies train) the predicate
-is batched, ``lax.cond`` becomes a select and both branches run: the
-updates are still RST's, the cost is SAM's.
+(dropout; the groups' ``fold_in(key, j)``, j < B). Both kinds of step
+begin with the same pass, L(θ) and g = ∇L(θ); only SAM's second pass,
+∇L(θ + ε), sits under a ``lax.cond``, an XLA conditional that runs it on
+the SAM steps alone under ``jax.jit``, so a plain step costs a plain step
+plus the coin. Under ``jax.vmap`` with a key per member (a vmapped
+population, `gnp.population`, as the studies train) the predicate is
+batched, ``lax.cond`` becomes a select and the second pass always runs: the
+updates are still RST's, the cost is SAM's. XLA's CPU backend runs
+convolutions inside a conditional far slower (jax-ml/jax#12868), which
+this layout confines to the SAM steps.
 """
 
 from __future__ import annotations
@@ -74,7 +78,6 @@ from gnp import _checks
 from gnp.penalties import _base
 from gnp.penalties.gradient_norm import check_adaptive
 from gnp.penalties.gradient_norm import perturbed_gradients
-from gnp.penalties.plain import plain
 
 # fold_in data for RST's coin: no m-sharpness group index (j < B) reaches it.
 _COIN_SALT = 0x5A3C0FFE
@@ -147,33 +150,32 @@ def sam(
   _checks.check_positive_int("group_size", group_size, allow_none=True)
   check_adaptive(adaptive, eta)
 
-  def body(params, batch, key):
-    loss, aux, _, grad_norm, _, perturbed_loss, perturbed_grads, _ = (
-        perturbed_gradients(loss_fn, params, batch, key, rho,
-                            split=split_perturbation, adaptive=adaptive,
-                            eta=eta)
-    )
-    stats = {
-        "task_loss": loss,
-        "penalty": perturbed_loss - loss,
-        "grad_norm": grad_norm,
-    }
-    return perturbed_loss, aux, perturbed_grads, stats
+  def body_when(take_sam=None):
+    def body(params, batch, key):
+      loss, aux, _, grad_norm, _, perturbed_loss, perturbed_grads, _ = (
+          perturbed_gradients(loss_fn, params, batch, key, rho,
+                              split=split_perturbation, adaptive=adaptive,
+                              eta=eta, when=take_sam)
+      )
+      stats = {
+          "task_loss": loss,
+          "penalty": perturbed_loss - loss,
+          "grad_norm": grad_norm,
+      }
+      if take_sam is not None:  # RST: 1 on a SAM step, 0 on a plain one.
+        # A plain step's loss is L(θ) itself, its penalty exactly 0.
+        perturbed_loss = jnp.where(take_sam, perturbed_loss, loss)
+        stats["penalty"] = jnp.where(take_sam, stats["penalty"], 0.0)
+        stats["sam_step"] = take_sam.astype(loss.dtype)
+      return perturbed_loss, aux, perturbed_grads, stats
+    return body
 
   name = (f"sam(rho={rho}"
           + ("" if probability is None else f", probability={probability}")
           + (f", adaptive=True, eta={eta}" if adaptive else "")
           + (", split_perturbation=True)" if split_perturbation else ")"))
-  sam_body = _base.in_groups(body, group_size)
   if probability is None:
-    return _base.GradientFn(name, sam_body)
-  plain_fn = plain(loss_fn)  # Its stats: L(θ), penalty 0, ‖∇L(θ)‖.
-
-  def plain_step(params, batch, key):
-    (loss, aux), grads, stats = plain_fn.with_stats(params, batch, key)
-    return loss, aux, grads, stats
-
-  plain_body = _base.in_groups(plain_step, group_size)
+    return _base.GradientFn(name, _base.in_groups(body_when(), group_size))
 
   def randomized(params, batch, key):
     if key is None:
@@ -181,15 +183,8 @@ def sam(
           "sam(probability=...) draws its coin from the key; got key=None.")
     take_sam = jax.random.bernoulli(jax.random.fold_in(key, _COIN_SALT),
                                     probability)
-
-    def branch(step_body, sam_step):
-      def run():
-        loss, aux, grads, stats = step_body(params, batch, key)
-        return loss, aux, grads, {**stats, "sam_step": jnp.asarray(
-            sam_step, stats["task_loss"].dtype)}
-      return run
-
-    return jax.lax.cond(take_sam, branch(sam_body, 1.0),
-                        branch(plain_body, 0.0))
+    # One coin for the whole batch, closed over by every group's body.
+    return _base.in_groups(body_when(take_sam), group_size)(params, batch,
+                                                            key)
 
   return _base.GradientFn(name, randomized)
