@@ -127,7 +127,8 @@ def _steps_per_dispatch(config, exp: Experiment) -> int:
   XLA's CPU backend runs a convolution inside a loop (here, the stretch's
   ``lax.scan``) far slower than the same convolution at the top level: its
   gradient convolutions miss the fast path (jax-ml/jax#12868). The mnist1d
-  CNN's step took 17× longer in stretches of 5 than alone. So on the CPU a
+  CNN's step took 18.6× longer in stretches of 5 than alone
+  (tools/conv_in_loops.py). So on the CPU a
   model with convolution kernels (parameters of 3 or more axes) runs step
   by step, with a warning; the run is the same either way.
   """
@@ -299,7 +300,6 @@ def _train_and_evaluate_locked(config, workdir: str, exp: Experiment) -> dict:
         else:
           state, metrics = exp.step_on_device_data(state, train_data,
                                                    epoch_indices)
-          metrics = jax.tree.map(lambda m: m[None], metrics)
           step += 1
         if not dispatches:  # The call returns once the step has compiled.
           timings.compiled()
@@ -313,8 +313,11 @@ def _train_and_evaluate_locked(config, workdir: str, exp: Experiment) -> dict:
         if synced:
           _raise_if_nonfinite(state, checkpointer)
         if log:
+          # A single step's metrics are scalars, a stretch's [k]: joined on
+          # the host, so that a single step dispatches nothing more.
           means = summarise_steps(jax.tree.map(
-              lambda *m: np.concatenate(m), *jax.device_get(pending)))
+              lambda *m: np.concatenate([np.reshape(x, -1) for x in m]),
+              *jax.device_get(pending)))
           pending = []
           train_record = {f"train/{k}": v for k, v in means.items()}
           writer.write(step, train_record)  # Timings stay out: runs must diff.
