@@ -47,13 +47,16 @@ What a study is (its keys, arms and validation) lives in `gnp.study_config`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 import math
 import os
 import sys
+import threading
 import time
 
+import jax
 import ml_collections
 import numpy as np
 import optuna
@@ -99,10 +102,10 @@ def _train(study, configs, datasets, run_dirs, populations,
   """Histories of ``configs`` (``datasets[i]`` is config i's data): vmapped
   per structure, or one at a time.
 
-  ``populations`` caches the compiled `population.Population` by structure
-  for the whole study, so that an arm's trials and its final seeds, and
-  arms of one structure (a tuned arm and its reported setting), compile
-  once.
+  ``populations`` (`_Populations`) holds the compiled
+  `population.Population` of each structure for the whole study, so that an
+  arm's trials and its final seeds, and arms of one structure (a tuned arm
+  and its reported setting), compile once.
   ``should_stop(i, epoch, history)``, asked after every epoch of config i
   while it trains (vectorised only), stops it there when it returns True.
   """
@@ -112,24 +115,24 @@ def _train(study, configs, datasets, run_dirs, populations,
                                                    datasets)]
   groups = collections.defaultdict(list)
   for i, config in enumerate(configs):
-    key = json.dumps(population.structure(config), sort_keys=True,
-                     default=str)
-    groups[key].append(i)
+    groups[_structure_key(config)].append(i)
   histories = [None] * len(configs)
   for members in groups.values():
-    pop = _population(populations, configs[members[0]], datasets[members[0]])
-    on_epoch = None
-    if should_stop is not None:
-      on_epoch = functools.partial(_stop, members=members,
-                                   should_stop=should_stop)
-    results, _ = pop.train([configs[i] for i in members], on_epoch=on_epoch)
+    on_epoch = functools.partial(_stop, members=members,
+                                 should_stop=should_stop,
+                                 cancelled=populations.cancelled)
+    with populations.use(configs[members[0]], datasets[members[0]]) as pop:
+      results, _ = pop.train([configs[i] for i in members], on_epoch=on_epoch)
     for i, history in zip(members, results):
       histories[i] = history
   return histories
 
 
-def _stop(epoch, histories, *, members, should_stop):
+def _stop(epoch, histories, *, members, should_stop, cancelled):
   """A population's ``on_epoch``: its members that ``should_stop`` stops."""
+  _check(cancelled)
+  if should_stop is None:
+    return None
   return [j for j, history in enumerate(histories)
           if "stopped_epoch" not in history
           and should_stop(members[j], epoch, history)]
@@ -205,8 +208,8 @@ def _run_dir(workdir, spec, replicate, name):
   return os.path.join(*parts, name)
 
 
-def tune(study, spec, workdir: str, dataset_of,
-         populations) -> list[optuna.Study]:
+def tune(study, spec, workdir: str, dataset_of, populations,
+         storage=None) -> list[optuna.Study]:
   """Runs the arm's remaining trials in every replicate; returns their
   Optuna studies, by replicate.
 
@@ -218,8 +221,11 @@ def tune(study, spec, workdir: str, dataset_of,
   pruned, takes the replicate's next trial, asked with every result so far
   known. Otherwise each round asks every unfinished replicate for up to
   ``tuning.trials_at_once`` trials and trains them together.
+
+  ``storage`` is the study's Optuna storage (`_storage`), one for every
+  arm: opening the database anew for each trial costs ~0.1 s.
   """
-  storage = f"sqlite:///{os.path.join(workdir, 'study.db')}"
+  storage = storage or _storage(workdir)
   replicates = range(study.tuning.replicates)
   probes = []
   for r in replicates:
@@ -309,12 +315,44 @@ def _streamable(study, spec) -> bool:
   return True
 
 
-def _population(populations, config, dataset) -> population.Population:
-  """The study's compiled population for ``config``'s structure."""
-  key = json.dumps(population.structure(config), sort_keys=True, default=str)
-  if key not in populations:
-    populations[key] = population.Population(config, dataset)
-  return populations[key]
+def _structure_key(config) -> str:
+  return json.dumps(population.structure(config), sort_keys=True, default=str)
+
+
+class _Populations:
+  """The study's compiled populations, one per structure, and its stop.
+
+  ``use(config, dataset)`` lends the population of ``config``'s structure
+  to one thread at a time (a population trains one stack), so that arms
+  that train at once (`arms_at_once`) and share a structure take turns.
+  ``cancelled`` is set when the study stops (an arm failed, or an
+  interrupt): the arms still training stop after their current epoch.
+  """
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._by_key = {}  # Structure key -> (population, its lock).
+    self.cancelled = threading.Event()
+
+  @contextlib.contextmanager
+  def use(self, config, dataset):
+    key = _structure_key(config)
+    with self._lock:
+      if key not in self._by_key:
+        self._by_key[key] = (population.Population(config, dataset),
+                             threading.Lock())
+      pop, lock = self._by_key[key]
+    with lock:
+      yield pop
+
+
+class _Cancelled(Exception):
+  """Raised in an arm's thread once another arm stopped the study."""
+
+
+def _check(cancelled: threading.Event) -> None:
+  if cancelled.is_set():
+    raise _Cancelled()
 
 
 def _tune_stream(study, spec, group, finished, ask, tell, dataset,
@@ -340,6 +378,7 @@ def _tune_stream(study, spec, group, finished, ask, tell, dataset,
   clock = [time.perf_counter()]
 
   def stop(going):
+    _check(populations.cancelled)
     # Each epoch's wall time, shared by the trials that trained it.
     now = time.perf_counter()
     for key in going:
@@ -357,10 +396,11 @@ def _tune_stream(study, spec, group, finished, ask, tell, dataset,
   first = arm_config(study, spec, sample_point(spec),
                      seed=tuning_seed(study, group[0]),
                      num_epochs=study.tuning.num_epochs, replicate=group[0])
-  runs = _population(populations, first, dataset).stream(
-      source, slots=per * len(group), stop=stop, splits=("validation",))
-  for key, history, _ in runs:
-    tell(running.pop(key), history, seconds.pop(key))
+  with populations.use(first, dataset) as pop:
+    runs = pop.stream(source, slots=per * len(group), stop=stop,
+                      splits=("validation",))
+    for key, history, _ in runs:
+      tell(running.pop(key), history, seconds.pop(key))
 
 
 def _should_prune(study, trial, epoch, history) -> bool:
@@ -460,7 +500,7 @@ def _seed_entry(seed: int, history: dict) -> dict:
 RESUMABLE_KEYS = ("tuning.num_trials", "tuning.trials_at_once",
                   "tuning.replicates",
                   "final.num_seeds", "final.num_epochs", "vectorize",
-                  "include_failed")
+                  "arms_at_once", "include_failed")
 
 
 def check_workdir(study: ml_collections.ConfigDict, workdir: str) -> None:
@@ -517,17 +557,22 @@ def _run_locked(study: ml_collections.ConfigDict, workdir: str) -> dict:
   write_atomically(os.path.join(workdir, "study_config.json"),
                    study.to_json_best_effort(indent=1, sort_keys=True))
   started = time.perf_counter()
-  populations = {}
-  arms = []
   replicates = range(study.tuning.replicates)
-  for spec in study.arms:
-    data = lambda r, spec=spec: dataset_of(spec, r)
+  for spec in study.arms:  # Loaded once, before arms train side by side.
+    for r in replicates:
+      dataset_of(spec, r)
+  populations = _Populations()
+  storage = _storage(workdir)
+
+  def arm_entry(spec) -> dict:
+    """Tunes and retrains ``spec``; its entry in results.json."""
+    data = lambda r: dataset_of(spec, r)
     best = [({}, None)] * len(replicates)
     trials = []
     tuning_time = 0.0
     if spec.search:
       for r, optuna_study in enumerate(
-          tune(study, spec, workdir, data, populations)):
+          tune(study, spec, workdir, data, populations, storage)):
         trial = _best(optuna_study)
         if trial is None:
           raise UserError(f"arm {replicate_name(spec, r)!r}: every tuning"
@@ -541,7 +586,7 @@ def _run_locked(study: ml_collections.ConfigDict, workdir: str) -> dict:
           tuning_time += t.user_attrs["train_time_s"]
     finals = retrain(study, spec, [params for params, _ in best], workdir,
                      data, populations)
-    entry = {
+    return {
         "name": spec.name, "description": spec.description,
         # Replicate 0's, as an unreplicated study reports them.
         "best_params": best[0][0], "best_value": best[0][1],
@@ -556,10 +601,14 @@ def _run_locked(study: ml_collections.ConfigDict, workdir: str) -> dict:
         # where the pruner stopped trials early.
         "tuning_epochs": sum(len(t["history"].get("epoch", []))
                              for t in trials),
+        # Each run's share of the wall time of the epochs it trained in;
+        # arms that trained at once overlap.
         "wall_time_s": {"tuning": tuning_time,
                         "final": sum(f["train_time_s"] for f in finals)},
     }
-    arms.append(entry)
+
+  arms = _map_arms(arm_entry, study.arms, arms_at_once(study),
+                   populations.cancelled)
   results = {
       "study": study.name,
       "objective": {"metric": study.objective, "direction": study.direction},
@@ -577,11 +626,84 @@ def _run_locked(study: ml_collections.ConfigDict, workdir: str) -> dict:
   }
   results["wall_time_s"]["total"] = (results["wall_time_s"]["tuning"]
                                      + results["wall_time_s"]["final"])
+  # This invocation's, from loading the data to the last run: less than the
+  # total where arms trained at once.
+  results["wall_time_s"]["elapsed"] = time.perf_counter() - started
   _write_json(os.path.join(workdir, "results.json"), results)
   report.write(results, workdir)
   logging.info("Study %s done in %.1f s (this invocation).", study.name,
                time.perf_counter() - started)
   return results
+
+
+def _storage(workdir: str) -> optuna.storages.RDBStorage:
+  """The study's Optuna storage, ``workdir/study.db``; one for all arms
+  (its sessions are per thread)."""
+  return optuna.storages.RDBStorage(
+      f"sqlite:///{os.path.join(workdir, 'study.db')}")
+
+
+def _map_arms(fn, specs, workers: int, cancelled: threading.Event) -> list:
+  """``[fn(spec) for spec in specs]``, ``workers`` arms at a time.
+
+  With more than one worker each arm runs in a host thread: JAX releases
+  the interpreter while a program runs, so one arm's programs, Optuna
+  calls and bookkeeping overlap another's. An arm's numbers depend on
+  nothing another arm does (its own sampler, seeds and rows), so they are
+  those of one arm at a time. The first arm (in ``specs``' order) that
+  fails, or an interrupt, sets ``cancelled``; the other arms stop after
+  their current epoch (`_check`), and its exception is raised here.
+  """
+  if workers <= 1:
+    return [fn(spec) for spec in specs]
+  results = [None] * len(specs)
+  pending = collections.deque(enumerate(specs))
+  errors = {}  # Arm index -> the exception that ended it.
+  lock = threading.Lock()
+
+  def worker():
+    while not cancelled.is_set():
+      with lock:
+        if not pending:
+          return
+        i, spec = pending.popleft()
+      try:
+        results[i] = fn(spec)
+      except BaseException as e:  # pylint: disable=broad-exception-caught
+        errors[i] = e
+        cancelled.set()
+
+  threads = [threading.Thread(target=worker, name=f"gnp-study-arms-{k}",
+                              daemon=True)
+             for k in range(min(workers, len(specs)))]
+  for thread in threads:
+    thread.start()
+  try:
+    for thread in threads:
+      # In slices: a signal's handler (Ctrl-C) runs in this thread only
+      # between them.
+      while thread.is_alive():
+        thread.join(0.25)
+  except BaseException:  # An interrupt: the arms stop after their epoch.
+    cancelled.set()
+    for thread in threads:
+      thread.join()
+    raise
+  failed = sorted(i for i, e in errors.items()
+                  if not isinstance(e, _Cancelled))
+  if failed:
+    raise errors[failed[0]]
+  return results
+
+
+def arms_at_once(study: ml_collections.ConfigDict) -> int:
+  """How many arms ``study`` trains at once (its ``arms_at_once``, or for
+  0, every arm on a single-device CPU backend and one elsewhere)."""
+  if study.arms_at_once:
+    return study.arms_at_once
+  alone = (jax.process_count() == 1 and jax.device_count() == 1
+           and jax.default_backend() == "cpu")
+  return len(study.arms) if study.vectorize and alone else 1
 
 
 def _write_json(path: str, value) -> None:

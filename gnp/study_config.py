@@ -87,6 +87,12 @@ def default_study() -> ml_collections.ConfigDict:
   c.final.num_seeds = 5  # Retrained seeds per arm: seed + 1, + 2, ...
   c.final.num_epochs = 30  # Each retrained seed's training length.
   c.vectorize = True  # False: one run at a time (large models).
+  # Arms trained at once, each from its own host thread, their programs
+  # running side by side: one program leaves CPU cores idle, and one arm's
+  # Optuna calls and bookkeeping leave the device idle. An arm's numbers
+  # do not depend on it. 0: every arm on a single-device CPU backend, else
+  # one. More than one needs vectorize and a single device.
+  c.arms_at_once = 0
   # The report leaves failed final runs (diverged or collapsed seeds, see
   # gnp.report.failures) out of means and intervals and lists them; True
   # counts them in (they are listed either way).
@@ -211,6 +217,17 @@ def validate(study: ml_collections.ConfigDict) -> None:
   if study.tuning.pruner != "none" and not study.vectorize:
     raise ConfigError("tuning.pruner stops members of a vectorised"
                       " population; with vectorize=False use pruner='none'.")
+  if (not isinstance(study.arms_at_once, int)
+      or isinstance(study.arms_at_once, bool) or study.arms_at_once < 0):
+    raise ConfigError("arms_at_once must be an integer >= 0 (0: all arms"
+                      " on a single-device CPU backend, else 1).")
+  if study.arms_at_once > 1 and not study.vectorize:
+    raise ConfigError("arms_at_once > 1 trains vectorised populations side"
+                      " by side; with vectorize=False use 0 or 1.")
+  if study.arms_at_once > 1 and jax.device_count() > 1:
+    raise ConfigError(
+        f"arms_at_once > 1 needs a single device ({jax.device_count()} here):"
+        " programs with collectives running side by side can deadlock.")
   for name in ("num_seeds", "num_epochs"):
     if not isinstance(study.final[name], int) or study.final[name] < 1:
       raise ConfigError(f"final.{name} must be a positive integer.")

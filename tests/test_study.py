@@ -1,5 +1,6 @@
 """gnp.study: tuning, retraining over seeds, the report, and resuming."""
 
+import collections
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -16,6 +18,7 @@ import pytest
 from scipy import stats
 
 from gnp import study
+from gnp import study_config
 from gnp.errors import ConfigError
 from gnp.errors import UserError
 from tests.helpers import ROOT
@@ -161,6 +164,135 @@ def test_replicates_extend_a_finished_study(finished, tmp_path, monkeypatch):
   assert "- sam, replicate 1: lr " in table
 
 
+def test_arms_trained_at_once_equal_arms_one_at_a_time(finished, tmp_path,
+                                                       monkeypatch):
+  """The fixture's study trained both arms at once (the default on one CPU
+  device); one arm at a time gives the same numbers, to the bit."""
+  workdir, together = finished
+  assert study.arms_at_once(tiny_study()) == 2
+  threads = set()
+  stream = study.population.Population.stream
+
+  def recording_stream(self, source, **kwargs):
+    threads.add(threading.current_thread().name)
+    yield from stream(self, source, **kwargs)
+
+  monkeypatch.setattr(study.population.Population, "stream", recording_stream)
+  alone = study.run(tiny_study(arms_at_once=1), str(tmp_path))
+  assert threads == {threading.main_thread().name}
+  strip = lambda arms: [{k: v for k, v in a.items() if k != "wall_time_s"}
+                        for a in arms]
+  assert strip(alone["arms"]) == strip(together["arms"])
+  # Each arm's training time is its own; the study's elapsed time is less
+  # than their sum where the arms overlapped.
+  wall = json.load(open(os.path.join(workdir, "results.json")))["wall_time_s"]
+  assert set(wall) == {"tuning", "final", "total", "elapsed"}
+  assert 0 < wall["elapsed"]
+
+
+def test_arms_train_in_threads_side_by_side(tmp_path, monkeypatch):
+  inside = {}
+  stream = study.population.Population.stream
+  both = threading.Barrier(2, timeout=120)
+
+  def meeting_stream(self, source, **kwargs):
+    # Each arm's first stream waits here for the other's: only arms that
+    # train at once get past it.
+    name = threading.current_thread().name
+    if name not in inside:
+      inside[name] = both.wait()
+    yield from stream(self, source, **kwargs)
+
+  monkeypatch.setattr(study.population.Population, "stream", meeting_stream)
+  config = tiny_study(**{"final.num_seeds": 1, "tuning.num_trials": 1,
+                         "tuning.trials_at_once": 1})
+  study.run(config, str(tmp_path))
+  assert len(inside) == 2 and threading.main_thread().name not in inside
+
+
+def test_an_arm_that_fails_stops_the_others_and_the_study_resumes(
+    finished, tmp_path, monkeypatch):
+  """SAM's tuning fails at once; the plain arm, training beside it, stops
+  after its epoch without finishing a trial, and the error is SAM's. Run
+  again, the study finishes as if nothing had happened."""
+  tune = study.tune
+  stream = study.population.Population.stream
+  epochs = []
+
+  def failing_tune(study_config, spec, *args, **kwargs):
+    if spec.name == "sam":
+      raise UserError("sam broke")
+    return tune(study_config, spec, *args, **kwargs)
+
+  def counting_stream(self, source, *, stop=None, **kwargs):
+    def counted(going):
+      epochs.append(sorted(going))
+      return stop(going) if stop else None
+    yield from stream(self, source, stop=counted, **kwargs)
+
+  monkeypatch.setattr(study, "tune", failing_tune)
+  monkeypatch.setattr(study.population.Population, "stream", counting_stream)
+  workdir = str(tmp_path)
+  with pytest.raises(UserError, match="sam broke"):
+    study.run(tiny_study(), workdir)
+  # Unstopped, plain would train 2 tuning epochs and 2 final ones.
+  assert len(epochs) <= 1
+  assert not os.path.exists(os.path.join(workdir, "final"))
+  monkeypatch.setattr(study, "tune", tune)
+  resumed = study.run(tiny_study(), workdir)
+  for arm, before in zip(resumed["arms"], finished[1]["arms"]):
+    # The interrupted trials ran again under new numbers, as after a kill.
+    assert [(t["params"], t["value"], t["history"]) for t in arm["trials"]] == [
+        (t["params"], t["value"], t["history"]) for t in before["trials"]]
+    assert arm["seeds"] == before["seeds"]
+    assert arm["best_params"] == before["best_params"]
+
+
+def test_arms_of_one_structure_take_turns(tmp_path, monkeypatch):
+  """A tuned arm and a fixed one share a compiled population: trained at
+  once, they never train its stack together, and give what one arm at a
+  time gives."""
+  training, overlaps = collections.Counter(), []
+  stream = study.population.Population.stream
+
+  def watched_stream(self, source, **kwargs):
+    training[id(self)] += 1
+    overlaps.append(training[id(self)])
+    try:
+      time.sleep(0.2)  # Gives the other arm every chance to come in.
+      yield from stream(self, source, **kwargs)
+    finally:
+      training[id(self)] -= 1
+
+  config = tiny_study(**{"final.num_seeds": 1})
+  config.arms = (config.arms[0], study.arm(
+      "plain_fixed", "AdamW at 3e-3",
+      overrides={"optimizer.learning_rate": 3e-3}))
+  config.arms_at_once = 1
+  alone = study.run(config, str(tmp_path / "alone"))
+  monkeypatch.setattr(study.population.Population, "stream", watched_stream)
+  config.arms_at_once = 2
+  together = study.run(config, str(tmp_path / "together"))
+  assert overlaps and max(overlaps) == 1
+  strip = lambda arms: [{k: v for k, v in a.items() if k != "wall_time_s"}
+                        for a in arms]
+  assert strip(together["arms"]) == strip(alone["arms"])
+
+
+def test_arms_at_once_resolves_zero_by_backend(monkeypatch):
+  assert study.arms_at_once(tiny_study(arms_at_once=1)) == 1
+  assert study.arms_at_once(tiny_study(arms_at_once=3)) == 3
+  assert study.arms_at_once(tiny_study(vectorize=False)) == 1
+  monkeypatch.setattr(study.jax, "device_count", lambda: 8)
+  assert study.arms_at_once(tiny_study()) == 1
+
+
+def test_arms_at_once_above_one_needs_a_single_device(monkeypatch, tmp_path):
+  monkeypatch.setattr(study_config.jax, "device_count", lambda: 8)
+  with pytest.raises(ConfigError, match="needs a single device"):
+    study.run(tiny_study(arms_at_once=2), str(tmp_path))
+
+
 def test_independent_data_draws_per_replicate():
   config = tiny_study(**{"tuning.independent_data": True, "seed": 7})
   seeds = [study.arm_config(config, config.arms[0], seed=0, num_epochs=1,
@@ -186,6 +318,9 @@ def test_independent_data_draws_per_replicate():
     ({"direction": "up"}, "direction"),
     ({"tuning.num_trials": 0}, "tuning.num_trials"),
     ({"train.dataset.validation_size": 0}, "validation_size is 0"),
+    ({"arms_at_once": -1}, "arms_at_once must be an integer >= 0"),
+    ({"arms_at_once": True}, "arms_at_once must be an integer >= 0"),
+    ({"arms_at_once": 2, "vectorize": False}, "with vectorize=False"),
 ])
 def test_bad_studies_are_refused_before_training(overrides, message, tmp_path):
   with pytest.raises(ConfigError, match=message):

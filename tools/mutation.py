@@ -318,6 +318,16 @@ MUTANTS = [
        [T + "test_report.py", T + "test_study.py::"
         "test_a_diverging_trial_is_failed_not_scored"],
        "a diverged seed's frozen state counts as a result"),
+    _m("arms_never_cancelled", "gnp/study.py",
+       "  if cancelled.is_set():\n    raise _Cancelled()",
+       "  if False:\n    raise _Cancelled()",
+       [T + "test_study.py::test_an_arm_that_fails_stops_the_others_and_the_"
+        "study_resumes"],
+       "an arm trains on after another arm failed the study"),
+    _m("population_shared_unlocked", "gnp/study.py",
+       "    with lock:\n      yield pop", "    yield pop",
+       [T + "test_study.py::test_arms_of_one_structure_take_turns"],
+       "two arms train one population's stack at once"),
     _m("lock_not_taken", "gnp/loop.py",
        "with checkpoints.WorkdirLock(workdir, enabled=jax.process_index() =="
        " 0):", "with checkpoints.WorkdirLock(workdir, enabled=False):",
