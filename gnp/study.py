@@ -42,6 +42,13 @@ What a study is (its keys, arms and validation) lives in `gnp.study_config`.
 
 ``vectorize=False`` trains one run at a time with `gnp.loop`, in
 ``DIR/runs/``, with checkpoints — for models too large to stack.
+
+``arms_at_once`` arms train at the same time, each from its own host thread
+(by default every arm on a single-device CPU backend, one elsewhere): a
+program leaves some of the CPU's cores idle, and an arm's Optuna calls and
+bookkeeping leave the device idle, which the other arms fill. Each arm's
+numbers are those of one arm at a time: its sampler, seeds and rows are
+its own, and arms of one compiled structure take turns with it.
 """
 
 from __future__ import annotations

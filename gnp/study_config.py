@@ -90,8 +90,9 @@ def default_study() -> ml_collections.ConfigDict:
   # Arms trained at once, each from its own host thread, their programs
   # running side by side: one program leaves CPU cores idle, and one arm's
   # Optuna calls and bookkeeping leave the device idle. An arm's numbers
-  # do not depend on it. 0: every arm on a single-device CPU backend, else
-  # one. More than one needs vectorize and a single device.
+  # do not depend on it; each arm holds its own population in memory. 0:
+  # every arm on a single-device CPU backend, else one. More than one needs
+  # vectorize and a single device.
   c.arms_at_once = 0
   # The report leaves failed final runs (diverged or collapsed seeds, see
   # gnp.report.failures) out of means and intervals and lists them; True
