@@ -10,11 +10,11 @@ scored by the final validation accuracy; the best of each is retrained for
 experiment reported (fixed arms, not tuned). The arm ``clip`` is §7's
 comparison method, robust per-example gradient clipping (τ = median + k ·
 1.4826 · MAD of the batch's per-example gradient norms), tuned over the
-learning rate, the weight decay and k. On 2 idle CPU cores it took 2 min
-01 s (commit 2672afa; 1 min 39 s with ``--config.tuning.pruner=halving``:
-see "Pruning" in docs/results/README.md); ``--config.tuning.replicates=3`` (three
-independent tuning draws, as docs/results reports it) took 17.5 min with
-the cores shared.
+learning rate, the weight decay and k. On 2 idle CPU cores, its arms
+training side by side, it took 1 min 40 s (commit 35a5671; 76 s with
+``--config.tuning.pruner=halving``: see "Pruning" in
+docs/results/README.md); ``--config.tuning.replicates=3`` (three
+independent tuning draws, as docs/results reports it) took 4 min 41 s.
 Over three replicates GNVR's effect on test accuracy is +1.3 pp [−1.6,
 +4.1], not detectable (one draw alone gave +2.5 pp [+0.7, +4.4]), while
 clipping gains +5.1 pp [+3.3, +7.0] (docs/results/README.md). ``:smoke``
