@@ -46,6 +46,7 @@ def test_mnist1d_shapes_and_dtypes():
   (x, y), (xv, yv), (xt, yt) = ds.train, ds.validation, ds.test
   # 500 samples: 80% (400) train, of which 50 are held out; 100 test.
   assert x.shape == (350, 40) and xv.shape == (50, 40) and xt.shape == (100, 40)
+  assert y.shape == (350,) and yv.shape == (50,) and yt.shape == (100,)
   for features, labels in (ds.train, ds.validation, ds.test):
     assert features.dtype == np.float32 and labels.dtype == np.int32
     assert labels.min() >= 0 and labels.max() < 10

@@ -4,7 +4,6 @@ import dataclasses
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from gnp import data as data_lib
