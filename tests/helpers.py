@@ -7,6 +7,10 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The environment of a process a test kills or starts beside another: without
+# the test process's XLA cache (tests/conftest.py), which a kill during a
+# write would leave with a truncated entry, and which jax writes unlocked.
+NO_CACHE = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
 
 
 def load_config(name: str, arg: str | None = None):

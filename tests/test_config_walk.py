@@ -15,8 +15,8 @@ The cases run in this process, with the calls `gnp.main` makes (a process
 each would cost an import of JAX, ~3 s, per case); a few run as
 ``python -m gnp.main`` too, to show that both give the same status and line.
 Runs are tiny (2 steps of an 8-wide MLP on 200 mnist1d samples) and share
-XLA's persistent compilation cache, so that configs that differ only in
-traced values compile once.
+the run's persistent compilation cache (tests/conftest.py), so that configs
+that differ only in traced values compile once.
 """
 
 from __future__ import annotations
@@ -26,10 +26,8 @@ import re
 import traceback
 import warnings
 
-import jax
 import pytest
 from absl import flags
-from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import config_flags
 
 from gnp import cli
@@ -228,28 +226,6 @@ def test_validate_knows_the_input_shapes_the_data_loads():
 
 
 # --- Running a case --------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache_dir(tmp_path_factory):
-  """XLA's persistent cache, for this module's runs only (then restored).
-
-  Runs whose configs differ in traced values (learning rate, seed, ...) or
-  in the loop's bookkeeping compile to the same programs: the cache turns
-  their ~5 s of compilation into ~0.1 s of loading.
-  """
-  names = ("jax_compilation_cache_dir",
-           "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  before = {name: getattr(jax.config, name) for name in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update(names[1], 0.0)
-  jax.config.update(names[2], 0)
-  compilation_cache.reset_cache()
-  yield
-  for name, value in before.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
 
 
 # Warnings a plain ``python -m gnp.main`` does not show.

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from gnp import checkpoints
+from tests.helpers import NO_CACHE
 from tests.helpers import ROOT
 from tests.helpers import run
 
@@ -49,7 +50,7 @@ def test_two_processes_give_the_parameters_of_one(tmp_path):
 
   workdir = tmp_path / "multi"
   address = f"127.0.0.1:{_free_port()}"
-  env = {**os.environ, **_ENV}
+  env = {**os.environ, **_ENV, **NO_CACHE}  # Two processes side by side.
   env.pop("XLA_FLAGS", None)
   procs = [
       subprocess.Popen(

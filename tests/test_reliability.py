@@ -27,6 +27,7 @@ from gnp.errors import NonFiniteError
 from gnp.errors import Preempted
 from gnp.errors import UserError
 from gnp.writers import MetricWriter
+from tests.helpers import NO_CACHE
 from tests.helpers import run
 from tests.helpers import tiny_mnist1d
 
@@ -276,7 +277,7 @@ def _main(workdir, *extra):
 
 def _hooked(workdir, hook):
   return run(["-c", _HOOKED_MAIN, json.dumps(hook), f"--workdir={workdir}",
-              *_ARGS], env={"JAX_PLATFORMS": "cpu"})
+              *_ARGS], env={"JAX_PLATFORMS": "cpu", **NO_CACHE})
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from gnp import study
 from gnp import study_config
 from gnp.errors import ConfigError
 from gnp.errors import UserError
+from tests.helpers import NO_CACHE
 from tests.helpers import ROOT
 from tests.helpers import run
 from tests.helpers import tiny_study
@@ -372,8 +373,8 @@ def test_a_killed_study_resumes_without_redoing_finished_trials(tmp_path):
   args = [sys.executable, "-m", "gnp.study", f"--config={config}",
           f"--workdir={workdir}"]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(args, cwd=ROOT, env={**env, **NO_CACHE},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   db = workdir / "study.db"
   deadline = time.time() + 300
   before = []
