@@ -1,7 +1,6 @@
 """Shared fixtures, and a persistent compilation cache for each test process.
 
-Compilation is most of the suite's time on a CPU (about four fifths of it in
-`test_train`, `test_step` and `test_accumulation`), and tests compile the
+Compilation is most of the suite's time on a CPU, and tests compile the
 same programs again: the same tiny model under another learning rate, seed
 or test, a run and its rerun. So each pytest process (each xdist worker)
 keeps XLA's persistent cache in a fresh temporary folder, removed when it

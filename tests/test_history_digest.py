@@ -90,3 +90,17 @@ def test_bad_input_is_one_line_and_exit_2(study_file, capsys, args, message):
     history_digest.main([f"--config={study_file}", "--epochs=1", *args])
   assert exit_info.value.code == 2
   assert message in capsys.readouterr().err
+
+
+def test_a_file_written_with_another_setting_is_refused(study_file, capsys,
+                                                        tmp_path):
+  # Other members or epochs give other digests whatever the code: comparing
+  # them would name every arm, so the command says so before training.
+  out = tmp_path / "digest.json"
+  setting = {"config": "x.py", "members": 2, "epochs": 1}
+  out.write_text(json.dumps({"setting": setting, "arms": {}}))
+  with pytest.raises(SystemExit) as exit_info:
+    history_digest.main([f"--config={study_file}", "--members=3",
+                         "--epochs=1", f"--compare={out}"])
+  assert exit_info.value.code == 2
+  assert "was written with" in capsys.readouterr().err

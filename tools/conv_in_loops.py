@@ -69,7 +69,8 @@ def main(argv=None) -> None:
       box[0], metrics = exp.steps_on_device_data(box[0], data, indices, 5)
       return box[0], metrics
 
-    _timed(single, 1, 2)  # Compiles both.
+    # Compile both.
+    _timed(single, 1, 2)
     _timed(stretch, 5, 1)
     times, metrics = _timed(single, 1, args.steps)
     if name == "plain":

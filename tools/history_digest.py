@@ -30,6 +30,7 @@ if ROOT not in sys.path:
 from gnp import population  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gnp import study as study_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gnp.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gnp.writers import write_atomically  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def digest(histories) -> str:
@@ -82,24 +83,29 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.members < 1 or args.epochs < 1:
     parser.error("--members and --epochs must be at least 1.")
+  setting = {"config": os.path.relpath(args.config, ROOT),
+             "members": args.members, "epochs": args.epochs}
   theirs = None
   if args.compare:
     try:
       with open(args.compare) as f:
-        theirs = json.load(f)["arms"]
-    except (OSError, ValueError, KeyError) as e:
+        written = json.load(f)
+      theirs, their_setting = written["arms"], written["setting"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
       parser.error(f"--compare {args.compare}: not a digest file ({e}).")
+    if their_setting != setting:
+      # Other members or epochs give other histories whatever the code.
+      parser.error(f"--compare {args.compare} was written with {their_setting};"
+                   f" this run is {setting}.")
   try:
     study = study_lib.load_config(args.config)
     arms = [a for a in args.arms.split(",") if a]
     ours = fingerprints(study, arms, members=args.members, epochs=args.epochs)
   except UserError as e:
     parser.error(str(e))
-  setting = {"config": os.path.relpath(args.config, ROOT),
-             "members": args.members, "epochs": args.epochs}
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump({"setting": setting, "arms": ours}, f, indent=1)
+    write_atomically(args.out, json.dumps({"setting": setting, "arms": ours},
+                                          indent=1))
   print("| arm | digest | last train loss (member 0) |")
   print("|---|---|---|")
   for name, value in ours.items():
